@@ -1,0 +1,5 @@
+"""``python -m negmerge_cli`` runs the command-line tool."""
+
+from negmerge_cli.cli import main
+
+main()

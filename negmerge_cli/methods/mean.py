@@ -1,0 +1,14 @@
+"""Uniform merge: the plain mean of the task vectors (the NegMerge paper's "Uniform Merge").
+
+With a single task vector this is task-vector negation (Ilharco et al., "Editing Models
+with Task Arithmetic", ICLR 2023, https://arxiv.org/abs/2212.04089).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mean(taus: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean over the task vectors."""
+    return taus.mean(dim=0)

@@ -1,0 +1,16 @@
+"""NegMerge: the mean task vector where all task vectors agree in sign, zero elsewhere.
+
+Kim et al., "NegMerge: Sign-Consensual Weight Merging for Machine Unlearning",
+ICML 2025, https://arxiv.org/abs/2410.05583
+"""
+
+from __future__ import annotations
+
+import torch
+
+from negmerge_cli.methods.common import consensus_mask
+
+
+def negmerge(taus: torch.Tensor) -> torch.Tensor:
+    """Mean of ``taus`` where every one is strictly positive or every one strictly negative."""
+    return torch.where(consensus_mask(taus), taus.mean(dim=0), torch.zeros((), dtype=taus.dtype))
