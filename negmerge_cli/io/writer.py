@@ -1,0 +1,277 @@
+"""Streaming, atomic safetensors output: single files and Hugging Face sharded folders.
+
+The header is computed from the planned tensor list before any data exists, so tensors
+are written as they are produced and never held whole. Data goes to a temporary file in
+the destination folder (``.NAME.*.negmerge-partial``), which is fsynced and renamed over
+the destination only when everything succeeded; on any error it is removed. A process
+killed with SIGKILL can leave such a ``.negmerge-partial`` file behind: it is safe to
+delete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from negmerge_cli.errors import OutputError
+from negmerge_cli.io.base import TensorInfo
+
+PARTIAL_SUFFIX = ".negmerge-partial"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def encode_header(tensors: Sequence[TensorInfo], metadata: dict[str, str] | None) -> bytes:
+    """The 8-byte length and JSON header, padded with spaces to a multiple of 8."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for info in tensors:
+        header[info.name] = {
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class PendingFile:
+    """A temporary file next to ``destination`` that becomes it on ``commit``."""
+
+    def __init__(self, destination: Path) -> None:
+        self.destination = destination
+        try:
+            fd, name = tempfile.mkstemp(
+                prefix=f".{destination.name}.", suffix=PARTIAL_SUFFIX, dir=destination.parent
+            )
+        except OSError as exc:
+            raise OutputError(f"{destination}: cannot create: {exc.strerror}") from None
+        self.temp = Path(name)
+        self._handle = os.fdopen(fd, "wb", buffering=0)
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._handle.write(view) :]
+        except OSError as exc:
+            raise OutputError(f"{self.destination}: write failed: {exc.strerror}") from None
+
+    def finish(self) -> None:
+        """Flush to disk and give the file the mode the umask asks for (mkstemp uses 0600)."""
+        try:
+            os.fchmod(self._handle.fileno(), 0o666 & ~_umask())
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+        except OSError as exc:
+            raise OutputError(f"{self.destination}: write failed: {exc.strerror}") from None
+
+    def rename(self) -> None:
+        try:
+            os.replace(self.temp, self.destination)
+        except OSError as exc:
+            raise OutputError(f"{self.destination}: cannot rename into place: {exc.strerror}") from None
+
+    def discard(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+        self.temp.unlink(missing_ok=True)
+
+
+class SafetensorsWriter:
+    """Writes the planned tensors in order, each in one or more flat chunks."""
+
+    def __init__(
+        self,
+        destination: Path,
+        tensors: Sequence[TensorInfo],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.destination = destination
+        self._plan = list(tensors)
+        self._index = 0
+        self._written = 0
+        self._file = PendingFile(destination)
+        try:
+            self._file.write(encode_header(self._plan, metadata))
+        except BaseException:
+            self._file.discard()
+            raise
+        self.bytes_written = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self._plan]
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append a chunk of tensor ``name``; tensors must come in the planned order."""
+        info = self._plan[self._index] if self._index < len(self._plan) else None
+        if info is None or info.name != name:
+            raise RuntimeError(f"writer expected {info.name if info else 'nothing'}, got {name}")
+        data = chunk.detach().contiguous().view(-1).view(torch.uint8)
+        self._file.write(memoryview(data.cpu().numpy()))
+        self._written += data.numel()
+        self.bytes_written += data.numel()
+        if self._written > info.nbytes:
+            raise RuntimeError(f"writer got too many bytes for {name}")
+        if self._written == info.nbytes:
+            self._index += 1
+            self._written = 0
+
+    def finish(self) -> None:
+        if self._index != len(self._plan):
+            raise RuntimeError(f"output incomplete at tensor {self._plan[self._index].name}")
+        self._file.finish()
+
+    def rename(self) -> None:
+        self._file.rename()
+
+    def discard(self) -> None:
+        self._file.discard()
+
+
+def plan_shards(tensors: Sequence[TensorInfo], shard_bytes: int) -> list[list[TensorInfo]]:
+    """Contiguous groups of at most ``shard_bytes`` (a larger tensor gets a shard alone)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in tensors:
+        if shards[-1] and size + info.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+def shard_name(number: int, count: int) -> str:
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
+
+
+class OutputWriter:
+    """One output, a single file or a sharded folder, committed all at once.
+
+    ``write(name, chunk)`` routes chunks to the right shard; ``commit()`` renames every
+    shard into place and writes the index last; ``discard()`` removes every temporary
+    file (and the folder, if this writer created it).
+    """
+
+    def __init__(
+        self,
+        destination: Path,
+        tensors: Sequence[TensorInfo],
+        metadata: dict[str, str] | None = None,
+        shard_bytes: int | None = None,
+    ) -> None:
+        self.destination = destination
+        self.sharded = shard_bytes is not None
+        self._created_folder = False
+        self._writers: list[SafetensorsWriter] = []
+        self._route: dict[str, SafetensorsWriter] = {}
+        self._metadata = metadata
+        try:
+            if self.sharded:
+                if not destination.exists():
+                    destination.mkdir()
+                    self._created_folder = True
+                groups = plan_shards(tensors, shard_bytes or 1)
+                for number, group in enumerate(groups, 1):
+                    path = destination / shard_name(number, len(groups))
+                    writer = SafetensorsWriter(path, group, metadata)
+                    self._writers.append(writer)
+                    self._route.update(dict.fromkeys(writer.names, writer))
+            else:
+                writer = SafetensorsWriter(destination, tensors, metadata)
+                self._writers.append(writer)
+                self._route = dict.fromkeys(writer.names, writer)
+        except BaseException:
+            self.discard()
+            raise
+        self._total_bytes = sum(t.nbytes for t in tensors)
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        self._route[name].write(name, chunk)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(w.bytes_written for w in self._writers)
+
+    def finish(self) -> None:
+        """Flush everything to disk; the destination is untouched until ``commit``."""
+        for writer in self._writers:
+            writer.finish()
+
+    def commit(self) -> None:
+        """Rename into place; for a folder, the index last and stale shards removed."""
+        if not self.sharded:
+            self._writers[0].rename()
+            _fsync_folder(self.destination.parent)
+            return
+        old_index = self.destination / INDEX_NAME
+        stale = _listed_shards(old_index)
+        weight_map: dict[str, str] = {}
+        for writer in self._writers:
+            weight_map.update(dict.fromkeys(writer.names, writer.destination.name))
+        index = {
+            "metadata": {"total_size": self._total_bytes, **(self._metadata or {})},
+            "weight_map": weight_map,
+        }
+        pending = PendingFile(old_index)
+        try:
+            pending.write(json.dumps(index, indent=2).encode("utf-8") + b"\n")
+            pending.finish()
+        except BaseException:
+            pending.discard()
+            raise
+        for writer in self._writers:
+            writer.rename()
+        pending.rename()
+        for name in stale - {w.destination.name for w in self._writers}:
+            (self.destination / name).unlink(missing_ok=True)
+        _fsync_folder(self.destination)
+
+    def discard(self) -> None:
+        for writer in self._writers:
+            writer.discard()
+        if self._created_folder:
+            try:
+                self.destination.rmdir()
+            except OSError:
+                pass
+
+
+def _listed_shards(index_path: Path) -> set[str]:
+    """Shard names of an earlier output's index, to remove those the new one no longer has."""
+    try:
+        index = json.loads(index_path.read_text("utf-8"))
+        names = set(index["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and "/" not in n and n.startswith("model-")}
