@@ -23,14 +23,16 @@ class ShardedReader(CheckpointReader):
         self.path = Path(index_path)
         where = str(self.path)
         try:
-            index = json.loads(self.path.read_text("utf-8"), object_pairs_hook=reject_duplicate_keys)
+            index = json.loads(
+                self.path.read_text("utf-8"), object_pairs_hook=reject_duplicate_keys
+            )
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise CheckpointError(f"{where}: not a valid index file ({exc})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
-            raise CheckpointError(f"{where}: needs a \"weight_map\" object of key -> shard file")
+            raise CheckpointError(f'{where}: needs a "weight_map" object of key -> shard file')
         shard_names = list(dict.fromkeys(weight_map.values()))
         for shard in shard_names:
             parts = PurePosixPath(shard).parts
@@ -66,13 +68,16 @@ class ShardedReader(CheckpointReader):
             if missing:
                 raise CheckpointError(
                     f"{where}: tensor {missing[0]!r} is missing from its shard "
-                    f"{weight_map[missing[0]]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    f"{weight_map[missing[0]]!r}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 )
         except BaseException:
             self.close()
             raise
         metadata = index.get("metadata") or {}
-        self.metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+        self.metadata = (
+            {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+        )
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self._owner[name].read(name, start, stop)
@@ -87,4 +92,3 @@ class ShardedReader(CheckpointReader):
     def close(self) -> None:
         for reader in self._shards.values():
             reader.close()
-

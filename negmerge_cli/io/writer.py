@@ -10,6 +10,7 @@ delete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -98,7 +99,9 @@ class PendingFile:
         try:
             os.replace(self.temp, self.destination)
         except OSError as exc:
-            raise OutputError(f"{self.destination}: cannot rename into place: {exc.strerror}") from None
+            raise OutputError(
+                f"{self.destination}: cannot rename into place: {exc.strerror}"
+            ) from None
 
     def discard(self) -> None:
         if not self._handle.closed:
@@ -261,10 +264,8 @@ class OutputWriter:
         for writer in self._writers:
             writer.discard()
         if self._created_folder:
-            try:
+            with contextlib.suppress(OSError):
                 self.destination.rmdir()
-            except OSError:
-                pass
 
 
 def _listed_shards(index_path: Path) -> set[str]:

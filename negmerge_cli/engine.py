@@ -1,0 +1,853 @@
+"""The streaming merge: validate every header, plan, then tensor by tensor read -> merge -> write.
+
+Memory stays bounded whatever the model's size or the number of checkpoints: each tensor
+is processed in flat element ranges sized so that the N task vectors of one range fit a
+fixed budget, and outputs are written as they are produced. Nothing is written until every
+header has been checked, and outputs appear only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from negmerge_cli import __version__
+from negmerge_cli.errors import (
+    CheckpointError,
+    Interrupted,
+    NonFiniteError,
+    OutputError,
+    UsageError,
+)
+from negmerge_cli.io import (
+    MERGEABLE,
+    SAFETENSORS_DTYPES,
+    CheckpointReader,
+    OutputWriter,
+    TensorInfo,
+    file_identity,
+    open_checkpoint,
+)
+from negmerge_cli.io.dtypes import compute_dtype
+from negmerge_cli.io.writer import INDEX_NAME
+from negmerge_cli.methods import MergeMethod, consensus_mask, get_method, kth_magnitude
+from negmerge_cli.methods.select import MagnitudeSelector, trim_rank
+from negmerge_cli.methods.ties import majority_contribution
+
+PathLike = str | os.PathLike[str]
+
+# BatchNorm statistics are not weights: negating a running variance can make it negative.
+DEFAULT_EXCLUDE = (r"(^|\.)running_mean$", r"(^|\.)running_var$", r"(^|\.)num_batches_tracked$")
+MEMORY_BUDGET = 64 * 2**20
+"""Bytes of float32 working memory per chunk (all task vectors of one element range)."""
+
+DENSITY_SCOPES = ("global", "tensor")
+
+
+class Progress(Protocol):
+    """What the engine reports progress to (the CLI draws a bar on stderr)."""
+
+    def start(self, total: int, label: str) -> None: ...
+
+    def advance(self, amount: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total: int, label: str) -> None:
+        pass
+
+    def advance(self, amount: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def check_lambda(lam: float) -> float:
+    """A finite float, or a :class:`UsageError`."""
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        raise UsageError(f"lambda must be a number, got {lam!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"lambda must be finite, got {lam!r}")
+    return value
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} asked for, but no CUDA GPU is available")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise UsageError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) found")
+    return chosen
+
+
+def _compile_patterns(patterns: Sequence[str], flag: str) -> list[re.Pattern[str]]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise UsageError(
+                f"{flag} {pattern!r} is not a valid regular expression: {exc}"
+            ) from None
+    return compiled
+
+
+def select_merged(
+    tensors: Sequence[TensorInfo],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    merge_batchnorm_stats: bool = False,
+) -> set[str]:
+    """Names of the tensors to merge: floating point, matching ``include`` (when given),
+    not matching ``exclude`` nor, by default, BatchNorm statistics."""
+    keep = _compile_patterns(include, "--include")
+    drop = _compile_patterns(exclude, "--exclude")
+    if not merge_batchnorm_stats:
+        drop += [re.compile(p) for p in DEFAULT_EXCLUDE]
+    return {
+        t.name
+        for t in tensors
+        if t.dtype in MERGEABLE
+        and (not keep or any(p.search(t.name) for p in keep))
+        and not any(p.search(t.name) for p in drop)
+    }
+
+
+def _describe_keys(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in list(keys)[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_compatible(base: CheckpointReader, others: Sequence[CheckpointReader]) -> None:
+    """Same keys, exactly the same shapes and dtypes in every checkpoint (no broadcasting)."""
+    for other in others:
+        missing = [k for k in base.tensors if k not in other.tensors]
+        extra = [k for k in other.tensors if k not in base.tensors]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(
+                    f"lacks {len(missing)} of the base's tensors ({_describe_keys(missing)})"
+                )
+            if extra:
+                parts.append(f"has {len(extra)} tensors the base lacks ({_describe_keys(extra)})")
+            raise CheckpointError(f"{other.path}: {'; '.join(parts)} (base: {base.path})")
+        for name, info in base.tensors.items():
+            theirs = other.tensors[name]
+            if theirs.shape != info.shape:
+                raise CheckpointError(
+                    f"{other.path}: tensor {name!r} has shape {list(theirs.shape)}, "
+                    f"the base {base.path} has {list(info.shape)}"
+                )
+            if theirs.dtype != info.dtype:
+                raise CheckpointError(
+                    f"{other.path}: tensor {name!r} is {theirs.dtype}, the base {base.path} "
+                    f"is {info.dtype}; convert the checkpoints to one dtype first"
+                )
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    path: Path, inputs: Sequence[Path], *, sharded: bool, force: bool, what: str = "output"
+) -> None:
+    """Refuse an output that is an input (path, symlink or hard link) or an input's folder,
+    that exists without ``force``, or whose folder is missing."""
+    for source in inputs:
+        if _same_file(path, source) or path.resolve() == source.resolve():
+            raise UsageError(f"{what} {path} is also an input ({source}); choose another path")
+        if sharded and (
+            path.resolve() == source.resolve().parent or _same_file(path, source.parent)
+        ):
+            raise UsageError(
+                f"{what} folder {path} holds the input {source}; choose another folder"
+            )
+    if sharded:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{path}: exists and is not a folder (--shard-size writes a folder)")
+        if (
+            path.is_dir()
+            and not force
+            and ((path / INDEX_NAME).exists() or any(path.glob("model-*-of-*.safetensors")))
+        ):
+            raise OutputError(f"{path}: already holds a sharded model; pass --force to replace it")
+    else:
+        if path.is_dir():
+            raise OutputError(
+                f"{path}: is a folder; give a file name (or --shard-size for a folder)"
+            )
+        if path.exists() and not force:
+            raise OutputError(f"{path}: already exists; pass --force to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: output folder does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent}: output folder is not writable")
+
+
+# ---------------------------------------------------------------------------- signals
+
+
+@contextlib.contextmanager
+def signals_as_errors() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into :class:`Interrupted` so clean-up runs, and make a write past
+    ``ulimit -f`` fail with EFBIG instead of killing the process (SIGXFSZ)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; no output was written")
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, interrupt),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt),
+        signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Inputs:
+    """The opened base and fine-tuned checkpoints, checked to match."""
+
+    base: CheckpointReader
+    finetuned: list[CheckpointReader]
+    identities: dict[Path, tuple[int, int, int, int]] = field(default_factory=dict)
+
+    @property
+    def readers(self) -> list[CheckpointReader]:
+        return [self.base, *self.finetuned]
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for r in self.readers for f in r.files]
+
+    def check_unchanged(self) -> None:
+        """A file replaced or rewritten while being read would give a silently wrong merge."""
+        for path, identity in self.identities.items():
+            try:
+                now = file_identity(path)
+            except OSError:
+                now = None
+            if now != identity:
+                raise CheckpointError(f"{path}: changed while it was being read; merge again")
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
+def open_inputs(base: PathLike, finetuned: Sequence[PathLike]) -> Inputs:
+    """Open and cross-check every checkpoint; closes what it opened on any error."""
+    if not finetuned:
+        raise UsageError("no fine-tuned checkpoints given")
+    opened: list[CheckpointReader] = []
+    try:
+        for path in [base, *finetuned]:
+            opened.append(open_checkpoint(path))
+        inputs = Inputs(opened[0], opened[1:])
+        seen: dict[tuple[int, int], Path] = {}
+        for reader in inputs.readers:
+            key = file_identity(reader.path)[:2]
+            if key in seen:
+                raise UsageError(
+                    f"{reader.path} is given twice (also as {seen[key]}); "
+                    "the base must not be a fine-tuned checkpoint and each run counts once"
+                )
+            seen[key] = reader.path
+        check_compatible(inputs.base, inputs.finetuned)
+        inputs.identities = {f: file_identity(f) for f in inputs.files}
+        return inputs
+    except BaseException:
+        for reader in opened:
+            reader.close()
+        raise
+
+
+def chunk_ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` element ranges covering ``numel``; one empty range for 0 elements."""
+    if numel == 0:
+        return [(0, 0)]
+    return [(s, min(s + chunk, numel)) for s in range(0, numel, chunk)]
+
+
+class TaskVectorReader:
+    """Reads one element range of a tensor from every input and forms the task vectors."""
+
+    def __init__(self, inputs: Inputs, device: torch.device, memory_budget: int) -> None:
+        self.inputs = inputs
+        self.device = device
+        count = len(inputs.finetuned)
+        # base, N task vectors, merged, output and a little slack, in float32
+        self.chunk = max(1, memory_budget // ((count + 4) * 4))
+        self.bytes_read = 0
+
+    def ranges(self, info: TensorInfo) -> list[tuple[int, int]]:
+        return chunk_ranges(info.numel, self.chunk)
+
+    def base(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        values = torch.empty(stop - start, dtype=compute_dtype(info.dtype))
+        values = self.inputs.base.read_into(info.name, start, values)
+        self.bytes_read += (stop - start) * SAFETENSORS_DTYPES[info.dtype].itemsize
+        return values
+
+    def read(self, info: TensorInfo, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(base, taus)`` in the compute dtype on the device; taus has shape ``[N, n]``."""
+        base = self.base(info, start, stop)
+        taus = torch.empty((len(self.inputs.finetuned), stop - start), dtype=base.dtype)
+        for i, reader in enumerate(self.inputs.finetuned):
+            reader.read_into(info.name, start, taus[i])
+        self.bytes_read += taus.shape[0] * (stop - start) * SAFETENSORS_DTYPES[info.dtype].itemsize
+        self._check_finite(info, base, taus)
+        if self.device.type != "cpu":
+            base = base.to(self.device, non_blocking=True)
+            taus = taus.to(self.device, non_blocking=True)
+        taus -= base
+        return base, taus
+
+    def _check_finite(self, info: TensorInfo, base: torch.Tensor, values: torch.Tensor) -> None:
+        # One cheap sum first: NaN and Inf propagate; only then look for the culprit.
+        if math.isfinite(float(values.sum())) and math.isfinite(float(base.sum())):
+            return
+        for reader, row in [
+            (self.inputs.base, base),
+            *zip(self.inputs.finetuned, values, strict=True),
+        ]:
+            if not bool(torch.isfinite(row).all()):
+                raise NonFiniteError(f"{reader.path}: tensor {info.name!r} contains NaN or Inf")
+
+
+def apply_vector(base: torch.Tensor, vector: torch.Tensor, lam: float) -> torch.Tensor:
+    """``base - lam * vector`` in the compute dtype; lambda 0 returns the base exactly."""
+    if lam == 0:
+        return base
+    return base - lam * vector
+
+
+def copy_tensor(
+    reader: CheckpointReader, info: TensorInfo, writer: OutputWriter, chunk: int
+) -> None:
+    """Copy a tensor from ``reader`` to ``writer`` bit for bit, a chunk at a time."""
+    for start, stop in chunk_ranges(info.numel, chunk):
+        writer.write(info.name, reader.read(info.name, start, stop))
+
+
+def commit_all(writers: Sequence[OutputWriter | None]) -> None:
+    """Flush every output to disk first, then rename them all into place."""
+    present = [w for w in writers if w is not None]
+    for writer in present:
+        writer.finish()
+    for writer in present:
+        writer.commit()
+
+
+def discard_all(writers: Sequence[OutputWriter | None]) -> None:
+    for writer in writers:
+        if writer is not None:
+            writer.discard()
+
+
+def _check_result(path: Path, name: str, values: torch.Tensor) -> None:
+    if not math.isfinite(float(values.sum())) and not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(f"{path}: result for tensor {name!r} is not finite (overflow?)")
+
+
+# ---------------------------------------------------------------------------- TIES statistics
+
+
+@dataclass
+class TrimStatistics:
+    thresholds: torch.Tensor
+    majority_sign: float
+
+
+def trim_statistics(
+    chunks: Callable[[], Iterator[torch.Tensor]], count: int, numel: int, density: float
+) -> TrimStatistics:
+    """Thresholds and majority sign of TIES over one scope, from re-iterable task vectors.
+
+    ``chunks()`` yields ``[N, n]`` task vector chunks covering the scope; it is called up
+    to three times (coarse, fine, majority) and reads the inputs again each time.
+    """
+    selector = MagnitudeSelector([trim_rank(numel, density)] * count)
+    if selector.needed:
+        for taus in chunks():
+            selector.coarse(taus)
+        selector.end_coarse()
+        for taus in chunks():
+            selector.fine(taus)
+    thresholds = selector.thresholds()
+    votes = sum(majority_contribution(taus, thresholds) for taus in chunks())
+    return TrimStatistics(thresholds, float((votes > 0) - (votes < 0)))
+
+
+def _tensor_trim(
+    reader: TaskVectorReader,
+    info: TensorInfo,
+    ranges: list[tuple[int, int]],
+    cached: tuple[torch.Tensor, torch.Tensor] | None,
+    count: int,
+    density: float,
+) -> TrimStatistics:
+    """TIES statistics of one tensor (``--density-scope tensor``)."""
+    if cached is not None:  # one chunk, already in memory: kthvalue directly
+        taus = cached[1]
+        thresholds = torch.tensor([kth_magnitude(t, density) for t in taus])
+        votes = majority_contribution(taus, thresholds)
+        return TrimStatistics(thresholds, float((votes > 0) - (votes < 0)))
+    return trim_statistics(
+        lambda: (reader.read(info, s, e)[1] for s, e in ranges), count, info.numel, density
+    )
+
+
+# ---------------------------------------------------------------------------- merge
+
+
+@dataclass
+class TensorStats:
+    numel: int = 0
+    kept: int = 0
+    consensus: int = 0
+    norm_sq: float = 0.0
+
+    def add(self, merged: torch.Tensor, taus: torch.Tensor | None) -> None:
+        self.numel += merged.numel()
+        self.kept += int(torch.count_nonzero(merged))
+        if taus is not None:
+            self.consensus += int(consensus_mask(taus).sum())
+        self.norm_sq += float(torch.linalg.vector_norm(merged, dtype=torch.float64)) ** 2
+
+    def as_dict(self, info: TensorInfo) -> dict[str, Any]:
+        return {
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "numel": self.numel,
+            "kept": self.kept,
+            "consensus": self.consensus,
+            "consensus_fraction": self.consensus / self.numel if self.numel else 0.0,
+            "merged_norm": math.sqrt(self.norm_sq),
+        }
+
+
+def _provenance(
+    inputs: Inputs, method: str, options: dict[str, Any], lam: float | None
+) -> dict[str, str]:
+    described = [
+        {"name": r.path.name, "bytes": sum(f.stat().st_size for f in r.files)}
+        for r in inputs.readers
+    ]
+    metadata = {
+        "format": "pt",
+        "negmerge_version": __version__,
+        "negmerge_method": method,
+        "negmerge_options": json.dumps(options, sort_keys=True),
+        "negmerge_base": json.dumps(described[0]),
+        "negmerge_finetuned": json.dumps(described[1:]),
+    }
+    if lam is not None:
+        metadata["negmerge_lambda"] = repr(lam)
+    return metadata
+
+
+def merge(
+    base: PathLike,
+    finetuned: Sequence[PathLike],
+    output: PathLike | None,
+    *,
+    method: str = "negmerge",
+    lam: float = 1.0,
+    density: float = 0.2,
+    density_scope: str = "global",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    merge_batchnorm_stats: bool = False,
+    save_vector: PathLike | None = None,
+    device: str = "cpu",
+    shard_size: int | None = None,
+    force: bool = False,
+    quiet: bool = True,
+    progress: Progress | None = None,
+    memory_budget: int = MEMORY_BUDGET,
+) -> dict[str, Any]:
+    """Merge the task vectors of ``finetuned`` against ``base`` and write ``base - lam * merged``.
+
+    ``output`` may be ``None`` when only ``save_vector`` (the merged task vector, float32)
+    is wanted. ``shard_size`` (bytes) makes ``output`` a sharded folder. Returns a JSON-able
+    report: per merged tensor the element count, elements kept, consensus fraction and
+    norm of the merged vector, plus totals and timings.
+
+    Example:
+        >>> report = merge("base.safetensors", ["ft1.safetensors", "ft2.safetensors"],
+        ...                "out.safetensors", method="negmerge", lam=1.0)  # doctest: +SKIP
+        >>> report["totals"]["consensus_fraction"]  # doctest: +SKIP
+        0.11
+    """
+    started = time.perf_counter()
+    chosen = get_method(method)
+    lam = check_lambda(lam)
+    if not 0 < density <= 1:
+        raise UsageError(f"density must be in (0, 1], got {density}")
+    if density_scope not in DENSITY_SCOPES:
+        raise UsageError(
+            f"density scope must be one of {', '.join(DENSITY_SCOPES)}, got {density_scope!r}"
+        )
+    if output is None and save_vector is None:
+        raise UsageError("nothing to write: give an output path or a vector path")
+    if shard_size is not None and shard_size <= 0:
+        raise UsageError("shard size must be positive")
+    target = resolve_device(device)
+    options: dict[str, Any] = {}
+    if chosen.trims:
+        options = {"density": density, "density_scope": density_scope}
+
+    with signals_as_errors():
+        inputs = open_inputs(base, finetuned)
+        try:
+            infos = list(inputs.base.tensors.values())
+            merged_names = select_merged(infos, include, exclude, merge_batchnorm_stats)
+            destinations = []
+            if output is not None:
+                check_output(
+                    Path(output), inputs.files, sharded=shard_size is not None, force=force
+                )
+                destinations.append(Path(output))
+            if save_vector is not None:
+                vector_path = Path(save_vector)
+                if destinations and (vector_path.resolve() == destinations[0].resolve()):
+                    raise UsageError("the vector path and the output path are the same")
+                check_output(vector_path, inputs.files, sharded=False, force=force, what="vector")
+            plan_s = time.perf_counter() - started
+            report = _run_merge(
+                inputs,
+                infos,
+                merged_names,
+                chosen,
+                lam=lam,
+                density=density,
+                density_scope=density_scope,
+                output=Path(output) if output is not None else None,
+                vector=Path(save_vector) if save_vector is not None else None,
+                shard_size=shard_size,
+                device=target,
+                progress=progress or (_NoProgress() if quiet else default_progress()),
+                memory_budget=memory_budget,
+                options=options,
+            )
+        finally:
+            inputs.close()
+    report["timings"]["plan_s"] = plan_s
+    report["timings"]["total_s"] = time.perf_counter() - started
+    return report
+
+
+def _run_merge(
+    inputs: Inputs,
+    infos: list[TensorInfo],
+    merged_names: set[str],
+    method: MergeMethod,
+    *,
+    lam: float,
+    density: float,
+    density_scope: str,
+    output: Path | None,
+    vector: Path | None,
+    shard_size: int | None,
+    device: torch.device,
+    progress: Progress,
+    memory_budget: int,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    reader = TaskVectorReader(inputs, device, memory_budget)
+    count = len(inputs.finetuned)
+    merged_infos = [i for i in infos if i.name in merged_names]
+    out_writer = vec_writer = None
+    stats_s = 0.0
+    global_trim: TrimStatistics | None = None
+    if method.trims and density_scope == "global":
+        began = time.perf_counter()
+
+        def every_chunk() -> Iterator[torch.Tensor]:
+            for info in merged_infos:
+                for start, stop in reader.ranges(info):
+                    yield reader.read(info, start, stop)[1]
+
+        progress.start(sum(i.nbytes for i in merged_infos) * (count + 1) * 3, "TIES thresholds")
+        global_trim = trim_statistics(
+            every_chunk, count, sum(i.numel for i in merged_infos), density
+        )
+        progress.stop()
+        stats_s = time.perf_counter() - began
+
+    began = time.perf_counter()
+    tensor_reports: dict[str, dict[str, Any]] = {}
+    try:
+        if output is not None:
+            out_writer = OutputWriter(
+                output, infos, _provenance(inputs, method.name, options, lam), shard_size
+            )
+        if vector is not None:
+            vector_infos = [
+                TensorInfo(i.name, "F64" if i.dtype == "F64" else "F32", i.shape)
+                for i in merged_infos
+            ]
+            vec_writer = OutputWriter(
+                vector, vector_infos, _provenance(inputs, method.name, options, None)
+            )
+        progress.start(
+            sum(i.nbytes for i in infos) + sum(i.nbytes for i in merged_infos) * count, "merging"
+        )
+        for info in infos:
+            if info.name not in merged_names:
+                if out_writer is not None:
+                    copy_tensor(inputs.base, info, out_writer, reader.chunk)
+                progress.advance(info.nbytes)
+                continue
+            params: dict[str, Any] = {}
+            ranges = reader.ranges(info)
+            cached: tuple[torch.Tensor, torch.Tensor] | None = None
+            if method.trims:
+                trim = global_trim
+                if trim is None:
+                    if len(ranges) == 1:
+                        cached = reader.read(info, *ranges[0])
+                    trim = _tensor_trim(reader, info, ranges, cached, count, density)
+                params = {"thresholds": trim.thresholds, "majority_sign": trim.majority_sign}
+            stats = TensorStats()
+            storage = SAFETENSORS_DTYPES[info.dtype]
+            for start, stop in ranges:
+                base_values, taus = cached if cached is not None else reader.read(info, start, stop)
+                merged = method.fn(taus, **params)
+                stats.add(merged, taus)
+                if out_writer is not None:
+                    result = apply_vector(base_values, merged, lam)
+                    _check_result(out_writer.destination, info.name, result)
+                    out_writer.write(info.name, result.to(storage).cpu())
+                if vec_writer is not None:
+                    vec_writer.write(info.name, merged.cpu())
+                progress.advance((stop - start) * storage.itemsize * (count + 1))
+            tensor_reports[info.name] = stats.as_dict(info)
+        progress.stop()
+        inputs.check_unchanged()
+        commit_all([out_writer, vec_writer])
+    except BaseException:
+        progress.stop()
+        discard_all([out_writer, vec_writer])
+        raise
+    merge_s = time.perf_counter() - began
+
+    merged_numel = sum(r["numel"] for r in tensor_reports.values())
+    consensus = sum(r["consensus"] for r in tensor_reports.values())
+    kept = sum(r["kept"] for r in tensor_reports.values())
+    bytes_read = reader.bytes_read + sum(i.nbytes for i in infos if i.name not in merged_names)
+    return {
+        "tool": "negmerge",
+        "version": __version__,
+        "method": method.name,
+        "options": options,
+        "lambda": lam,
+        "base": str(inputs.base.path),
+        "finetuned": [str(r.path) for r in inputs.finetuned],
+        "output": str(output) if output is not None else None,
+        "vector": str(vector) if vector is not None else None,
+        "device": str(device),
+        "tensors": tensor_reports,
+        "copied": [i.name for i in infos if i.name not in merged_names],
+        "totals": {
+            "tensors": len(infos),
+            "merged_tensors": len(tensor_reports),
+            "copied_tensors": len(infos) - len(tensor_reports),
+            "parameters": sum(i.numel for i in infos),
+            "merged_parameters": merged_numel,
+            "kept": kept,
+            "consensus": consensus,
+            "consensus_fraction": consensus / merged_numel if merged_numel else 0.0,
+            "merged_norm": math.sqrt(sum(r["merged_norm"] ** 2 for r in tensor_reports.values())),
+            "bytes_read": bytes_read,
+            "bytes_written": sum(
+                w.bytes_written for w in (out_writer, vec_writer) if w is not None
+            ),
+        },
+        "timings": {"stats_s": stats_s, "merge_s": merge_s},
+    }
+
+
+# ---------------------------------------------------------------------------- apply
+
+
+def apply(
+    base: PathLike,
+    vector: PathLike,
+    output: PathLike,
+    *,
+    lam: float = 1.0,
+    device: str = "cpu",
+    shard_size: int | None = None,
+    force: bool = False,
+    quiet: bool = True,
+    progress: Progress | None = None,
+    memory_budget: int = MEMORY_BUDGET,
+) -> dict[str, Any]:
+    """Write ``base - lam * vector`` for the tensors in ``vector``; copy the rest of ``base``.
+
+    ``vector`` is what ``merge(..., save_vector=...)`` wrote, so trying another lambda
+    reads two checkpoints instead of N + 1; the result equals ``merge`` with that lambda.
+
+    Example:
+        >>> apply("base.safetensors", "vec.safetensors", "out.safetensors", lam=0.6)
+    """
+    started = time.perf_counter()
+    lam = check_lambda(lam)
+    target = resolve_device(device)
+    if shard_size is not None and shard_size <= 0:
+        raise UsageError("shard size must be positive")
+    progress = progress or (_NoProgress() if quiet else default_progress())
+    with signals_as_errors():
+        base_reader = open_checkpoint(base)
+        try:
+            vector_reader = open_checkpoint(vector)
+        except BaseException:
+            base_reader.close()
+            raise
+        inputs = Inputs(base_reader, [vector_reader])
+        try:
+            _check_vector(base_reader, vector_reader)
+            inputs.identities = {f: file_identity(f) for f in inputs.files}
+            destination = Path(output)
+            check_output(destination, inputs.files, sharded=shard_size is not None, force=force)
+            infos = list(base_reader.tensors.values())
+            chunk = max(1, memory_budget // (4 * 4))
+            writer = None
+            try:
+                writer = OutputWriter(
+                    destination,
+                    infos,
+                    {**vector_reader.metadata, "negmerge_lambda": repr(lam)},
+                    shard_size,
+                )
+                progress.start(sum(i.nbytes for i in infos), "applying")
+                for info in infos:
+                    if info.name in vector_reader.tensors:
+                        _apply_tensor(inputs, info, writer, chunk, lam, target)
+                    else:
+                        copy_tensor(base_reader, info, writer, chunk)
+                    progress.advance(info.nbytes)
+                progress.stop()
+                inputs.check_unchanged()
+                commit_all([writer])
+            except BaseException:
+                progress.stop()
+                discard_all([writer])
+                raise
+        finally:
+            inputs.close()
+    return {
+        "tool": "negmerge",
+        "version": __version__,
+        "base": str(base_reader.path),
+        "vector": str(vector_reader.path),
+        "output": str(destination),
+        "lambda": lam,
+        "totals": {
+            "tensors": len(infos),
+            "applied_tensors": len(vector_reader.tensors),
+            "parameters": sum(i.numel for i in infos),
+            "bytes_written": writer.bytes_written,
+        },
+        "timings": {"total_s": time.perf_counter() - started},
+    }
+
+
+def _check_vector(base: CheckpointReader, vector: CheckpointReader) -> None:
+    extra = [k for k in vector.tensors if k not in base.tensors]
+    if extra:
+        raise CheckpointError(
+            f"{vector.path}: has {len(extra)} tensors the base {base.path} lacks "
+            f"({_describe_keys(extra)}); was it made from another model?"
+        )
+    for name, info in vector.tensors.items():
+        ours = base.tensors[name]
+        if info.shape != ours.shape:
+            raise CheckpointError(
+                f"{vector.path}: tensor {name!r} has shape {list(info.shape)}, "
+                f"the base {base.path} has {list(ours.shape)}"
+            )
+        if info.dtype not in MERGEABLE or ours.dtype not in MERGEABLE:
+            raise CheckpointError(
+                f"{vector.path}: tensor {name!r} is {info.dtype} and the base's is {ours.dtype}; "
+                "only floating-point tensors can be applied"
+            )
+
+
+def _apply_tensor(
+    inputs: Inputs,
+    info: TensorInfo,
+    writer: OutputWriter,
+    chunk: int,
+    lam: float,
+    device: torch.device,
+) -> None:
+    vector = inputs.finetuned[0]
+    dtype = compute_dtype(info.dtype)
+    storage = SAFETENSORS_DTYPES[info.dtype]
+    for start, stop in chunk_ranges(info.numel, chunk):
+        base_values = inputs.base.read_into(
+            info.name, start, torch.empty(stop - start, dtype=dtype)
+        )
+        values = vector.read_into(info.name, start, torch.empty(stop - start, dtype=dtype))
+        for reader, row in ((inputs.base, base_values), (vector, values)):
+            if not math.isfinite(float(row.sum())) and not bool(torch.isfinite(row).all()):
+                raise NonFiniteError(f"{reader.path}: tensor {info.name!r} contains NaN or Inf")
+        result = apply_vector(base_values.to(device), values.to(device), lam)
+        _check_result(writer.destination, info.name, result)
+        writer.write(info.name, result.to(storage).cpu())
+
+
+def default_progress() -> Progress:
+    from negmerge_cli.progress import StderrProgress
+
+    return StderrProgress()
