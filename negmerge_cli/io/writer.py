@@ -276,3 +276,15 @@ def _listed_shards(index_path: Path) -> set[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
     return {n for n in names if isinstance(n, str) and "/" not in n and n.startswith("model-")}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Small text outputs (reports, indexes) get the same temp-fsync-rename treatment."""
+    pending = PendingFile(path)
+    try:
+        pending.write(text.encode("utf-8"))
+        pending.finish()
+        pending.rename()
+    except BaseException:
+        pending.discard()
+        raise
