@@ -31,7 +31,7 @@ def kth_magnitude(values: torch.Tensor, density: float) -> float:
 def trim(taus: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Zero every entry of task vector ``i`` whose magnitude is below ``thresholds[i]``."""
     limits = thresholds.to(taus.device, torch.float32).reshape(-1, *([1] * (taus.dim() - 1)))
-    return torch.where(taus.abs() >= limits, taus, torch.zeros((), dtype=taus.dtype))
+    return torch.where(taus.abs() >= limits, taus, 0.0)
 
 
 def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:

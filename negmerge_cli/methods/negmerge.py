@@ -13,4 +13,4 @@ from negmerge_cli.methods.common import consensus_mask
 
 def negmerge(taus: torch.Tensor) -> torch.Tensor:
     """Mean of ``taus`` where every one is strictly positive or every one strictly negative."""
-    return torch.where(consensus_mask(taus), taus.mean(dim=0), torch.zeros((), dtype=taus.dtype))
+    return torch.where(consensus_mask(taus), taus.mean(dim=0), 0.0)

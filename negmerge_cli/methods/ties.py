@@ -22,9 +22,9 @@ def ties(taus: torch.Tensor, *, thresholds: torch.Tensor, majority_sign: float) 
     """
     trimmed = trim(taus, thresholds)
     sign = elected_sign(trimmed)
-    sign = torch.where(sign == 0, torch.tensor(majority_sign, dtype=sign.dtype), sign)
+    sign = torch.where(sign == 0, majority_sign, sign)
     agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    total = torch.where(agree, trimmed, torch.zeros((), dtype=trimmed.dtype)).sum(dim=0)
+    total = torch.where(agree, trimmed, 0.0).sum(dim=0)
     return total / agree.sum(dim=0).clamp(min=1).to(trimmed.dtype)
 
 
