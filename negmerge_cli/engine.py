@@ -16,7 +16,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +41,7 @@ from negmerge_cli.io import (
     open_checkpoint,
 )
 from negmerge_cli.io.dtypes import compute_dtype
-from negmerge_cli.io.writer import INDEX_NAME
+from negmerge_cli.io.writer import INDEX_NAME, SafetensorsWriter
 from negmerge_cli.methods import MergeMethod, consensus_mask, get_method, kth_magnitude
 from negmerge_cli.methods.select import MagnitudeSelector, trim_rank
 from negmerge_cli.methods.ties import majority_contribution
@@ -406,43 +406,61 @@ class TrimStatistics:
     majority_sign: float
 
 
-def trim_statistics(
-    chunks: Callable[[], Iterator[torch.Tensor]], count: int, numel: int, density: float
-) -> TrimStatistics:
-    """Thresholds and majority sign of TIES over one scope, from re-iterable task vectors.
+def feed_selector(
+    reader: TaskVectorReader, infos: Sequence[TensorInfo], selector: MagnitudeSelector, stage: str
+) -> MagnitudeSelector:
+    """One streamed pass of the radix select (``stage`` is ``coarse`` or ``fine``) over
+    ``infos``; workers run it on their share and the driver adds the counts up."""
+    feed = selector.coarse if stage == "coarse" else selector.fine
+    for info in infos:
+        for start, stop in reader.ranges(info):
+            feed(reader.read(info, start, stop)[1])
+    return selector
 
-    ``chunks()`` yields ``[N, n]`` task vector chunks covering the scope; it is called up
-    to three times (coarse, fine, majority) and reads the inputs again each time.
+
+def count_votes(
+    reader: TaskVectorReader, infos: Sequence[TensorInfo], thresholds: torch.Tensor
+) -> int:
+    """Sum of TIES elected signs over ``infos``; its sign is the majority sign."""
+    return sum(
+        majority_contribution(reader.read(info, start, stop)[1], thresholds)
+        for info in infos
+        for start, stop in reader.ranges(info)
+    )
+
+
+def _sign(value: int) -> float:
+    return float((value > 0) - (value < 0))
+
+
+def trim_statistics(
+    reader: TaskVectorReader, infos: Sequence[TensorInfo], density: float
+) -> TrimStatistics:
+    """TIES thresholds and majority sign over ``infos`` taken together (one scope).
+
+    Reads the inputs three times: coarse and fine counts of the radix select, then votes.
     """
-    selector = MagnitudeSelector([trim_rank(numel, density)] * count)
+    count = len(reader.inputs.finetuned)
+    selector = MagnitudeSelector([trim_rank(sum(i.numel for i in infos), density)] * count)
     if selector.needed:
-        for taus in chunks():
-            selector.coarse(taus)
-        selector.end_coarse()
-        for taus in chunks():
-            selector.fine(taus)
+        feed_selector(reader, infos, selector, "coarse").end_coarse()
+        feed_selector(reader, infos, selector, "fine")
     thresholds = selector.thresholds()
-    votes = sum(majority_contribution(taus, thresholds) for taus in chunks())
-    return TrimStatistics(thresholds, float((votes > 0) - (votes < 0)))
+    return TrimStatistics(thresholds, _sign(count_votes(reader, infos, thresholds)))
 
 
 def _tensor_trim(
     reader: TaskVectorReader,
     info: TensorInfo,
-    ranges: list[tuple[int, int]],
     cached: tuple[torch.Tensor, torch.Tensor] | None,
-    count: int,
     density: float,
 ) -> TrimStatistics:
     """TIES statistics of one tensor (``--density-scope tensor``)."""
     if cached is not None:  # one chunk, already in memory: kthvalue directly
         taus = cached[1]
         thresholds = torch.tensor([kth_magnitude(t, density) for t in taus])
-        votes = majority_contribution(taus, thresholds)
-        return TrimStatistics(thresholds, float((votes > 0) - (votes < 0)))
-    return trim_statistics(
-        lambda: (reader.read(info, s, e)[1] for s, e in ranges), count, info.numel, density
-    )
+        return TrimStatistics(thresholds, _sign(majority_contribution(taus, thresholds)))
+    return trim_statistics(reader, [info], density)
 
 
 # ---------------------------------------------------------------------------- merge
@@ -474,7 +492,7 @@ class TensorStats:
         }
 
 
-def _provenance(
+def provenance(
     inputs: Inputs, method: str, options: dict[str, Any], lam: float | None
 ) -> dict[str, str]:
     described = [
@@ -585,6 +603,100 @@ def merge(
     return report
 
 
+def merge_tensors(
+    reader: TaskVectorReader,
+    infos: Sequence[TensorInfo],
+    merged_names: set[str] | frozenset[str],
+    method: MergeMethod,
+    *,
+    lam: float,
+    density: float,
+    global_trim: TrimStatistics | None,
+    out_writer: OutputWriter | SafetensorsWriter | None,
+    vec_writer: OutputWriter | None,
+    progress: Progress,
+) -> dict[str, dict[str, Any]]:
+    """The streaming loop over ``infos``, in order: merged tensors are read from every
+    input a chunk at a time, the rest copied from the base. Returns per-tensor reports."""
+    inputs = reader.inputs
+    count = len(inputs.finetuned)
+    reports: dict[str, dict[str, Any]] = {}
+    for info in infos:
+        if info.name not in merged_names:
+            if out_writer is not None:
+                copy_tensor(inputs.base, info, out_writer, reader.chunk)
+            progress.advance(info.nbytes)
+            continue
+        params: dict[str, Any] = {}
+        ranges = reader.ranges(info)
+        cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        if method.trims:
+            trim = global_trim
+            if trim is None:
+                if len(ranges) == 1:
+                    cached = reader.read(info, *ranges[0])
+                trim = _tensor_trim(reader, info, cached, density)
+            params = {"thresholds": trim.thresholds, "majority_sign": trim.majority_sign}
+        stats = TensorStats()
+        storage = SAFETENSORS_DTYPES[info.dtype]
+        for start, stop in ranges:
+            base_values, taus = cached if cached is not None else reader.read(info, start, stop)
+            merged = method.fn(taus, **params)
+            stats.add(merged, taus)
+            if out_writer is not None:
+                result = apply_vector(base_values, merged, lam)
+                _check_result(out_writer.destination, info.name, result)
+                out_writer.write(info.name, result.to(storage).cpu())
+            if vec_writer is not None:
+                vec_writer.write(info.name, merged.cpu())
+            progress.advance((stop - start) * storage.itemsize * (count + 1))
+        reports[info.name] = stats.as_dict(info)
+    return reports
+
+
+def merge_report(
+    inputs: Inputs,
+    infos: Sequence[TensorInfo],
+    tensor_reports: dict[str, dict[str, Any]],
+    method: MergeMethod,
+    options: dict[str, Any],
+    lam: float,
+    *,
+    bytes_read: int,
+    bytes_written: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The JSON-able report: settings, per merged tensor statistics, totals."""
+    merged_numel = sum(r["numel"] for r in tensor_reports.values())
+    consensus = sum(r["consensus"] for r in tensor_reports.values())
+    return {
+        "tool": "negmerge",
+        "version": __version__,
+        "method": method.name,
+        "options": options,
+        "lambda": lam,
+        "base": str(inputs.base.path),
+        "finetuned": [str(r.path) for r in inputs.finetuned],
+        "device": str(device),
+        "tensors": tensor_reports,
+        "copied": [i.name for i in infos if i.name not in tensor_reports],
+        "totals": {
+            "tensors": len(infos),
+            "merged_tensors": len(tensor_reports),
+            "copied_tensors": len(infos) - len(tensor_reports),
+            "parameters": sum(i.numel for i in infos),
+            "merged_parameters": merged_numel,
+            "kept": sum(r["kept"] for r in tensor_reports.values()),
+            "consensus": consensus,
+            "consensus_fraction": consensus / merged_numel if merged_numel else 0.0,
+            "merged_norm": math.sqrt(sum(r["merged_norm"] ** 2 for r in tensor_reports.values())),
+            "bytes_read": bytes_read,
+            "bytes_written": bytes_written,
+        },
+        "timings": {},
+    }
+
+
 def _run_merge(
     inputs: Inputs,
     infos: list[TensorInfo],
@@ -610,25 +722,16 @@ def _run_merge(
     global_trim: TrimStatistics | None = None
     if method.trims and density_scope == "global":
         began = time.perf_counter()
-
-        def every_chunk() -> Iterator[torch.Tensor]:
-            for info in merged_infos:
-                for start, stop in reader.ranges(info):
-                    yield reader.read(info, start, stop)[1]
-
         progress.start(sum(i.nbytes for i in merged_infos) * (count + 1) * 3, "TIES thresholds")
-        global_trim = trim_statistics(
-            every_chunk, count, sum(i.numel for i in merged_infos), density
-        )
+        global_trim = trim_statistics(reader, merged_infos, density)
         progress.stop()
         stats_s = time.perf_counter() - began
 
     began = time.perf_counter()
-    tensor_reports: dict[str, dict[str, Any]] = {}
     try:
         if output is not None:
             out_writer = OutputWriter(
-                output, infos, _provenance(inputs, method.name, options, lam), shard_size
+                output, infos, provenance(inputs, method.name, options, lam), shard_size
             )
         if vector is not None:
             vector_infos = [
@@ -636,41 +739,23 @@ def _run_merge(
                 for i in merged_infos
             ]
             vec_writer = OutputWriter(
-                vector, vector_infos, _provenance(inputs, method.name, options, None)
+                vector, vector_infos, provenance(inputs, method.name, options, None)
             )
         progress.start(
             sum(i.nbytes for i in infos) + sum(i.nbytes for i in merged_infos) * count, "merging"
         )
-        for info in infos:
-            if info.name not in merged_names:
-                if out_writer is not None:
-                    copy_tensor(inputs.base, info, out_writer, reader.chunk)
-                progress.advance(info.nbytes)
-                continue
-            params: dict[str, Any] = {}
-            ranges = reader.ranges(info)
-            cached: tuple[torch.Tensor, torch.Tensor] | None = None
-            if method.trims:
-                trim = global_trim
-                if trim is None:
-                    if len(ranges) == 1:
-                        cached = reader.read(info, *ranges[0])
-                    trim = _tensor_trim(reader, info, ranges, cached, count, density)
-                params = {"thresholds": trim.thresholds, "majority_sign": trim.majority_sign}
-            stats = TensorStats()
-            storage = SAFETENSORS_DTYPES[info.dtype]
-            for start, stop in ranges:
-                base_values, taus = cached if cached is not None else reader.read(info, start, stop)
-                merged = method.fn(taus, **params)
-                stats.add(merged, taus)
-                if out_writer is not None:
-                    result = apply_vector(base_values, merged, lam)
-                    _check_result(out_writer.destination, info.name, result)
-                    out_writer.write(info.name, result.to(storage).cpu())
-                if vec_writer is not None:
-                    vec_writer.write(info.name, merged.cpu())
-                progress.advance((stop - start) * storage.itemsize * (count + 1))
-            tensor_reports[info.name] = stats.as_dict(info)
+        tensor_reports = merge_tensors(
+            reader,
+            infos,
+            merged_names,
+            method,
+            lam=lam,
+            density=density,
+            global_trim=global_trim,
+            out_writer=out_writer,
+            vec_writer=vec_writer,
+            progress=progress,
+        )
         progress.stop()
         inputs.check_unchanged()
         commit_all([out_writer, vec_writer])
@@ -678,42 +763,21 @@ def _run_merge(
         progress.stop()
         discard_all([out_writer, vec_writer])
         raise
-    merge_s = time.perf_counter() - began
-
-    merged_numel = sum(r["numel"] for r in tensor_reports.values())
-    consensus = sum(r["consensus"] for r in tensor_reports.values())
-    kept = sum(r["kept"] for r in tensor_reports.values())
-    bytes_read = reader.bytes_read + sum(i.nbytes for i in infos if i.name not in merged_names)
-    return {
-        "tool": "negmerge",
-        "version": __version__,
-        "method": method.name,
-        "options": options,
-        "lambda": lam,
-        "base": str(inputs.base.path),
-        "finetuned": [str(r.path) for r in inputs.finetuned],
-        "output": str(output) if output is not None else None,
-        "vector": str(vector) if vector is not None else None,
-        "device": str(device),
-        "tensors": tensor_reports,
-        "copied": [i.name for i in infos if i.name not in merged_names],
-        "totals": {
-            "tensors": len(infos),
-            "merged_tensors": len(tensor_reports),
-            "copied_tensors": len(infos) - len(tensor_reports),
-            "parameters": sum(i.numel for i in infos),
-            "merged_parameters": merged_numel,
-            "kept": kept,
-            "consensus": consensus,
-            "consensus_fraction": consensus / merged_numel if merged_numel else 0.0,
-            "merged_norm": math.sqrt(sum(r["merged_norm"] ** 2 for r in tensor_reports.values())),
-            "bytes_read": bytes_read,
-            "bytes_written": sum(
-                w.bytes_written for w in (out_writer, vec_writer) if w is not None
-            ),
-        },
-        "timings": {"stats_s": stats_s, "merge_s": merge_s},
-    }
+    report = merge_report(
+        inputs,
+        infos,
+        tensor_reports,
+        method,
+        options,
+        lam,
+        bytes_read=reader.bytes_read + sum(i.nbytes for i in infos if i.name not in merged_names),
+        bytes_written=sum(w.bytes_written for w in (out_writer, vec_writer) if w is not None),
+        device=device,
+    )
+    report["output"] = str(output) if output is not None else None
+    report["vector"] = str(vector) if vector is not None else None
+    report["timings"] = {"stats_s": stats_s, "merge_s": time.perf_counter() - began}
+    return report
 
 
 # ---------------------------------------------------------------------------- apply
