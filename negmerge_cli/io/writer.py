@@ -217,7 +217,7 @@ class OutputWriter:
         except BaseException:
             self.discard()
             raise
-        self._total_bytes = sum(t.nbytes for t in tensors)
+        self._infos = {t.name: t for t in tensors}
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         self._route[name].write(name, chunk)
@@ -237,28 +237,8 @@ class OutputWriter:
             self._writers[0].rename()
             _fsync_folder(self.destination.parent)
             return
-        old_index = self.destination / INDEX_NAME
-        stale = _listed_shards(old_index)
-        weight_map: dict[str, str] = {}
-        for writer in self._writers:
-            weight_map.update(dict.fromkeys(writer.names, writer.destination.name))
-        index = {
-            "metadata": {"total_size": self._total_bytes, **(self._metadata or {})},
-            "weight_map": weight_map,
-        }
-        pending = PendingFile(old_index)
-        try:
-            pending.write(json.dumps(index, indent=2).encode("utf-8") + b"\n")
-            pending.finish()
-        except BaseException:
-            pending.discard()
-            raise
-        for writer in self._writers:
-            writer.rename()
-        pending.rename()
-        for name in stale - {w.destination.name for w in self._writers}:
-            (self.destination / name).unlink(missing_ok=True)
-        _fsync_folder(self.destination)
+        groups = [[self._infos[n] for n in w.names] for w in self._writers]
+        commit_index(self.destination, groups, self._metadata, rename=self._writers)
 
     def discard(self) -> None:
         for writer in self._writers:
@@ -266,6 +246,46 @@ class OutputWriter:
         if self._created_folder:
             with contextlib.suppress(OSError):
                 self.destination.rmdir()
+
+
+def commit_index(
+    folder: Path,
+    groups: Sequence[Sequence[TensorInfo]],
+    metadata: dict[str, str] | None,
+    rename: Sequence[SafetensorsWriter] = (),
+) -> None:
+    """Finish a sharded output: rename the shards' writers (if given) into place, write
+    ``model.safetensors.index.json`` last, and remove shards of an earlier output that the
+    new index no longer lists. Until the index exists the folder is not a valid model."""
+    index_path = folder / INDEX_NAME
+    stale = _listed_shards(index_path)
+    names = [shard_name(number, len(groups)) for number in range(1, len(groups) + 1)]
+    weight_map = {t.name: name for name, group in zip(names, groups, strict=True) for t in group}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for g in groups for t in g), **(metadata or {})},
+        "weight_map": weight_map,
+    }
+    pending = PendingFile(index_path)
+    try:
+        pending.write(json.dumps(index, indent=2).encode("utf-8") + b"\n")
+        pending.finish()
+        for writer in rename:
+            writer.rename()
+    except BaseException:
+        pending.discard()
+        raise
+    pending.rename()
+    for name in stale - set(names):
+        (folder / name).unlink(missing_ok=True)
+    _fsync_folder(folder)
+
+
+def remove_partials(folder: Path, names: Sequence[str]) -> None:
+    """Delete the temporary files of outputs ``names`` in ``folder``: what a worker killed
+    in the middle of a write (SIGKILL, a lost node) leaves behind."""
+    for name in names:
+        for path in folder.glob(f".{name}.*{PARTIAL_SUFFIX}"):
+            path.unlink(missing_ok=True)
 
 
 def _listed_shards(index_path: Path) -> set[str]:
