@@ -39,3 +39,5 @@ def _root(
 from negmerge_cli.cli import merge_cmd  # noqa: E402,F401
 
 # --- pipeline commands (recipes, sweep, tune, run, demo) register below this line ---
+# isort: split
+from negmerge_cli.cli import pipeline, recipes_cmd  # noqa: E402,F401

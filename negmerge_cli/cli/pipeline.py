@@ -1,0 +1,138 @@
+"""``negmerge sweep | tune | run RECIPE`` and ``negmerge demo``: the whole unlearning loop.
+
+The commands check their flags, load the recipe (every problem reported at once, exit 2)
+and call the library: :func:`negmerge_cli.train.sweep.run_sweep` and
+:func:`negmerge_cli.evaluate.tune.run_tune`. torch, scikit-learn and matplotlib are
+imported inside the commands, never at start-up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from negmerge_cli.cli.app import app
+from negmerge_cli.cli.options import QuietOpt
+from negmerge_cli.cli.recipes_cmd import RecipeArg, SetOpt
+from negmerge_cli.errors import Interrupted, UsageError
+
+DEMO_RECIPE = "digits"
+
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="DIR",
+        help="Output folder (overrides the recipe's output).",
+    ),
+]
+
+
+def _require_train_extra() -> None:
+    missing = [m for m in ("sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"the training pipeline needs {', '.join(missing)}: pip install 'negmerge[train]'"
+        )
+
+
+def _load(recipe: str, overrides: list[str] | None, output: Path | None) -> Any:
+    from negmerge_cli.recipes import load_recipe
+
+    sets = list(overrides or [])
+    if output is not None:
+        sets.append(f"output={output}")
+    loaded = load_recipe(recipe, sets)
+    _require_train_extra()
+    return loaded
+
+
+def _sweep(recipe: Any, quiet: bool) -> None:
+    from negmerge_cli.train.sweep import run_sweep
+
+    try:
+        run_sweep(recipe, quiet=quiet)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"sweep interrupted; finished runs in {recipe.output} are kept, run it again to resume"
+        ) from None
+
+
+def _tune(recipe: Any, quiet: bool) -> None:
+    from negmerge_cli.evaluate.tune import run_tune
+
+    try:
+        results = run_tune(recipe, quiet=quiet)
+    except KeyboardInterrupt:
+        raise Interrupted("tuning interrupted; rerun `negmerge tune` (the runs are kept)") from None
+    typer.echo(results["table"])
+    if not quiet:
+        notes = [f"{row['name']}: {n}" for row in results["rows"] for n in row["notes"]]
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+        typer.echo(f"wrote {', '.join(results['files'])}", err=True)
+
+
+@app.command(no_args_is_help=True)
+def sweep(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune the pre-trained model on the forget set once per run of the recipe.
+
+    Each run is written to OUT/seed-S/runs/RUN-ID/{model.safetensors, run.json}. Finished
+    runs are skipped, so an interrupted sweep resumes where it stopped.
+    """
+    _sweep(_load(recipe, overrides, output), quiet)
+
+
+@app.command(no_args_is_help=True)
+def tune(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Choose lambda for every method on the finished runs and write the report.
+
+    Writes results.json, results.md, curves.png and methods.png to the output folder and
+    prints the table.
+    """
+    _tune(_load(recipe, overrides, output), quiet)
+
+
+@app.command(no_args_is_help=True)
+def run(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sweep, then tune, then report: the whole recipe."""
+    loaded = _load(recipe, overrides, output)
+    _sweep(loaded, quiet)
+    _tune(loaded, quiet)
+
+
+@app.command()
+def demo(
+    overrides: SetOpt = None,
+    output: OutputOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the bundled digits recipe: forget two digit classes from a small CNN (~1 min).
+
+    The same as `negmerge run digits`; needs no download (scikit-learn ships the data).
+    """
+    loaded = _load(DEMO_RECIPE, overrides, output)
+    if not quiet:
+        print(f"negmerge demo: {loaded.description} -> {loaded.output}", file=sys.stderr)
+    _sweep(loaded, quiet)
+    _tune(loaded, quiet)
