@@ -512,6 +512,23 @@ def provenance(
     return metadata
 
 
+def check_merge_arguments(
+    method: str, lam: float, density: float, density_scope: str, shard_size: int | None
+) -> tuple[MergeMethod, float, dict[str, Any]]:
+    """Usage errors before any file is opened; returns the method, lambda and the options
+    recorded in the output's metadata."""
+    chosen = get_method(method)
+    lam = check_lambda(lam)
+    if not 0 < density <= 1:
+        raise UsageError(f"density must be in (0, 1], got {density}")
+    if density_scope not in DENSITY_SCOPES:
+        raise UsageError(f"density scope must be global or tensor, got {density_scope!r}")
+    if shard_size is not None and shard_size <= 0:
+        raise UsageError("shard size must be positive")
+    options = {"density": density, "density_scope": density_scope} if chosen.trims else {}
+    return chosen, lam, options
+
+
 def merge(
     base: PathLike,
     finetuned: Sequence[PathLike],
@@ -546,22 +563,10 @@ def merge(
         0.11
     """
     started = time.perf_counter()
-    chosen = get_method(method)
-    lam = check_lambda(lam)
-    if not 0 < density <= 1:
-        raise UsageError(f"density must be in (0, 1], got {density}")
-    if density_scope not in DENSITY_SCOPES:
-        raise UsageError(
-            f"density scope must be one of {', '.join(DENSITY_SCOPES)}, got {density_scope!r}"
-        )
+    chosen, lam, options = check_merge_arguments(method, lam, density, density_scope, shard_size)
     if output is None and save_vector is None:
         raise UsageError("nothing to write: give an output path or a vector path")
-    if shard_size is not None and shard_size <= 0:
-        raise UsageError("shard size must be positive")
     target = resolve_device(device)
-    options: dict[str, Any] = {}
-    if chosen.trims:
-        options = {"density": density, "density_scope": density_scope}
 
     with signals_as_errors():
         inputs = open_inputs(base, finetuned)
@@ -655,7 +660,8 @@ def merge_tensors(
 
 
 def merge_report(
-    inputs: Inputs,
+    base: Path,
+    finetuned: Sequence[Path],
     infos: Sequence[TensorInfo],
     tensor_reports: dict[str, dict[str, Any]],
     method: MergeMethod,
@@ -675,8 +681,8 @@ def merge_report(
         "method": method.name,
         "options": options,
         "lambda": lam,
-        "base": str(inputs.base.path),
-        "finetuned": [str(r.path) for r in inputs.finetuned],
+        "base": str(base),
+        "finetuned": [str(p) for p in finetuned],
         "device": str(device),
         "tensors": tensor_reports,
         "copied": [i.name for i in infos if i.name not in tensor_reports],
@@ -764,7 +770,8 @@ def _run_merge(
         discard_all([out_writer, vec_writer])
         raise
     report = merge_report(
-        inputs,
+        inputs.base.path,
+        [r.path for r in inputs.finetuned],
         infos,
         tensor_reports,
         method,

@@ -269,3 +269,15 @@ def test_header_is_aligned_and_readable_by_safetensors(tmp_path, family):
     (length,) = struct.unpack("<Q", out.read_bytes()[:8])
     assert length % 8 == 0
     assert set(load_file(out)) == set(small_model())
+
+
+@pytest.mark.parametrize("method", ["negmerge", "mean", "magmax", "ties"])
+def test_results_do_not_depend_on_the_memory_budget(tmp_path, family, method):
+    generator = torch.Generator().manual_seed(4)
+    base, tunes = family({"w": torch.randn(70000, generator=generator)}, 6)
+    outputs = []
+    for budget in (10_000, 300_000, 64 * 2**20):
+        out = tmp_path / f"o{budget}.safetensors"
+        merge(base, tunes, out, method=method, memory_budget=budget)
+        outputs.append(load_file(out)["w"].view(torch.int32))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])

@@ -112,6 +112,25 @@ def merge(
     ] = None,
     device: DeviceOpt = "auto",
     shard_size: ShardSizeOpt = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="'local' (one process) or 'ray': one Ray task per shard (needs --shard-size).",
+        ),
+    ] = "local",
+    workers: Annotated[
+        int | None,
+        typer.Option(help="ray: at most this many shard tasks at once.", min=1),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="ray: cluster to join ('auto', or HOST:PORT); default: start a local Ray."
+        ),
+    ] = None,
+    retries: Annotated[
+        int, typer.Option(help="ray: how often a task whose worker died is run again.", min=0)
+    ] = 3,
     report: ReportOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -125,28 +144,48 @@ def merge(
 
     Example: negmerge merge base.safetensors runs/*/model.safetensors -o forgot.safetensors
     """
-    from negmerge_cli.engine import merge as run_merge
-
     paths = expand_paths(finetuned)
     if output is None and save_vector is None:
         raise typer.BadParameter("give --output, --save-vector or both", param_hint="'--output'")
-    result = run_merge(
-        base,
-        paths,
-        output,
-        method=method,
-        lam=lam,
-        density=density,
-        density_scope=density_scope,
-        include=include or (),
-        exclude=exclude or (),
-        merge_batchnorm_stats=merge_bn_stats,
-        save_vector=save_vector,
-        device=device,
-        shard_size=shard_size,
-        force=force,
-        quiet=quiet,
-    )
+    if backend not in ("local", "ray"):
+        raise typer.BadParameter("choose local or ray", param_hint="'--backend'")
+    common = {
+        "method": method,
+        "lam": lam,
+        "density": density,
+        "density_scope": density_scope,
+        "include": include or (),
+        "exclude": exclude or (),
+        "merge_batchnorm_stats": merge_bn_stats,
+        "device": device,
+        "force": force,
+        "quiet": quiet,
+    }
+    if backend == "ray":
+        if shard_size is None or output is None or save_vector is not None:
+            raise typer.BadParameter(
+                "the Ray backend writes one shard per task: give -o and --shard-size, "
+                "and no --save-vector",
+                param_hint="'--backend'",
+            )
+        from negmerge_cli.ray_backend import merge_on_ray
+
+        result = merge_on_ray(
+            base,
+            paths,
+            output,
+            shard_size=shard_size,
+            workers=workers,
+            address=address,
+            retries=retries,
+            **common,
+        )
+    else:
+        from negmerge_cli.engine import merge as run_merge
+
+        result = run_merge(
+            base, paths, output, save_vector=save_vector, shard_size=shard_size, **common
+        )
     _write_report(result, report)
     if not quiet:
         typer.echo(_summary(result), err=True)

@@ -9,6 +9,25 @@ from __future__ import annotations
 import torch
 
 
+def ordered_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0, adding ``values[0], values[1], ...`` in order.
+
+    ``torch.sum(dim=0)`` picks its reduction order by tensor size, so the same elements
+    summed in chunks of another size can differ in the last bit; this order does not
+    depend on the chunking, which keeps merges reproducible across memory budgets and
+    workers.
+    """
+    total = values[0].clone()
+    for row in values[1:]:
+        total += row
+    return total
+
+
+def ordered_mean(values: torch.Tensor) -> torch.Tensor:
+    """``ordered_sum(values) / len(values)``."""
+    return ordered_sum(values) / values.shape[0]
+
+
 def consensus_mask(taus: torch.Tensor) -> torch.Tensor:
     """True where every task vector has the same strict sign (a zero breaks consensus)."""
     low, high = torch.aminmax(taus, dim=0)
@@ -36,4 +55,4 @@ def trim(taus: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 
 def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:
     """Per element, the sign of the sum of the trimmed task vectors (0 where it is 0)."""
-    return torch.sign(trimmed.sum(dim=0))
+    return torch.sign(ordered_sum(trimmed))

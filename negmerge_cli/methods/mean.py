@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from negmerge_cli.methods.common import ordered_mean
+
 
 def mean(taus: torch.Tensor) -> torch.Tensor:
-    """Element-wise mean over the task vectors."""
-    return taus.mean(dim=0)
+    """Element-wise mean over the task vectors (summed in input order)."""
+    return ordered_mean(taus)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from negmerge_cli.methods.common import consensus_mask
+from negmerge_cli.methods.common import consensus_mask, ordered_mean
 
 
 def negmerge(taus: torch.Tensor) -> torch.Tensor:
     """Mean of ``taus`` where every one is strictly positive or every one strictly negative."""
-    return torch.where(consensus_mask(taus), taus.mean(dim=0), 0.0)
+    return torch.where(consensus_mask(taus), ordered_mean(taus), 0.0)

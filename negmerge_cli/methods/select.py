@@ -34,6 +34,18 @@ class MagnitudeSelector:
         self._bin: list[int] = []
         self._below: list[int] = []
 
+    def partial(self) -> MagnitudeSelector:
+        """An empty copy that knows the ranks and the chosen bins: a worker fills it with its
+        share of the elements and the driver ``absorb``s the counts."""
+        copy = MagnitudeSelector(self.ranks)
+        copy._bin, copy._below = list(self._bin), list(self._below)
+        return copy
+
+    def absorb(self, other: MagnitudeSelector) -> None:
+        """Add another selector's counts (from the same pass) to these."""
+        self._coarse += other._coarse
+        self._fine += other._fine
+
     @property
     def needed(self) -> bool:
         """False when every rank is 0: no pass over the data is needed."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from negmerge_cli.methods.common import elected_sign, trim
+from negmerge_cli.methods.common import elected_sign, ordered_sum, trim
 
 
 def ties(taus: torch.Tensor, *, thresholds: torch.Tensor, majority_sign: float) -> torch.Tensor:
@@ -24,11 +24,11 @@ def ties(taus: torch.Tensor, *, thresholds: torch.Tensor, majority_sign: float) 
     sign = elected_sign(trimmed)
     sign = torch.where(sign == 0, majority_sign, sign)
     agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    total = torch.where(agree, trimmed, 0.0).sum(dim=0)
+    total = ordered_sum(torch.where(agree, trimmed, 0.0))
     return total / agree.sum(dim=0).clamp(min=1).to(trimmed.dtype)
 
 
 def majority_contribution(taus: torch.Tensor, thresholds: torch.Tensor) -> int:
     """The sum of elected signs over these elements: summed over the scope, its sign is the
     majority sign."""
-    return int(elected_sign(trim(taus, thresholds)).sum().item())
+    return int(elected_sign(trim(taus, thresholds)).sum(dtype=torch.float64).item())
