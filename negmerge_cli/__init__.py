@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "merge": "negmerge_cli.engine",
     "apply": "negmerge_cli.engine",
-    "inspect": "negmerge_cli.engine",
+    "inspect": "negmerge_cli.inspection",
     "METHODS": "negmerge_cli.methods",
     "load_recipe": "negmerge_cli.recipes",
 }

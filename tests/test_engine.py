@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from negmerge_cli.engine import apply, inspect, merge, resolve_device, select_merged
+from negmerge_cli.engine import apply, merge, resolve_device, select_merged
 from negmerge_cli.errors import UsageError
+from negmerge_cli.inspection import inspect
 from negmerge_cli.io import load_state_dict, save_state_dict
 from negmerge_cli.methods import METHODS, kth_magnitude, majority_contribution
 from tests.conftest import small_model

@@ -282,7 +282,7 @@ def inspect_command(
 ) -> None:
     """List tensors, dtypes, parameter and byte counts; what differs between files; and,
     with --base, the share of elements whose task vectors agree in sign."""
-    from negmerge_cli.engine import inspect as run_inspect
+    from negmerge_cli.inspection import inspect as run_inspect
 
     report = run_inspect(
         expand_paths(files), base=base, include=include or (), exclude=exclude or ()
