@@ -41,7 +41,7 @@ from negmerge_cli.io import (
     open_checkpoint,
 )
 from negmerge_cli.io.dtypes import compute_dtype
-from negmerge_cli.io.writer import INDEX_NAME, SafetensorsWriter
+from negmerge_cli.io.writer import INDEX_NAME, SafetensorsWriter, discard_pending
 from negmerge_cli.methods import MergeMethod, consensus_mask, get_method, kth_magnitude
 from negmerge_cli.methods.select import MagnitudeSelector, trim_rank
 from negmerge_cli.methods.ties import majority_contribution
@@ -243,6 +243,11 @@ def signals_as_errors() -> Iterator[None]:
     }
     try:
         yield
+    except BaseException:
+        # A signal can land between a temp file's creation and the code that would remove
+        # it; the writer keeps a list of its open temp files for exactly this.
+        discard_pending()
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -393,7 +398,10 @@ def discard_all(writers: Sequence[OutputWriter | None]) -> None:
 
 
 def _check_result(path: Path, name: str, values: torch.Tensor) -> None:
-    if not math.isfinite(float(values.sum())) and not bool(torch.isfinite(values).all()):
+    """The result in its stored dtype: 70000 fits float32 but is inf in float16."""
+    if not math.isfinite(float(values.sum(dtype=torch.float32))) and not bool(
+        torch.isfinite(values).all()
+    ):
         raise NonFiniteError(f"{path}: result for tensor {name!r} is not finite (overflow?)")
 
 
@@ -649,9 +657,9 @@ def merge_tensors(
             merged = method.fn(taus, **params)
             stats.add(merged, taus)
             if out_writer is not None:
-                result = apply_vector(base_values, merged, lam)
+                result = apply_vector(base_values, merged, lam).to(storage)
                 _check_result(out_writer.destination, info.name, result)
-                out_writer.write(info.name, result.to(storage).cpu())
+                out_writer.write(info.name, result.cpu())
             if vec_writer is not None:
                 vec_writer.write(info.name, merged.cpu())
             progress.advance((stop - start) * storage.itemsize * (count + 1))
@@ -913,9 +921,9 @@ def _apply_tensor(
         for reader, row in ((inputs.base, base_values), (vector, values)):
             if not math.isfinite(float(row.sum())) and not bool(torch.isfinite(row).all()):
                 raise NonFiniteError(f"{reader.path}: tensor {info.name!r} contains NaN or Inf")
-        result = apply_vector(base_values.to(device), values.to(device), lam)
+        result = apply_vector(base_values.to(device), values.to(device), lam).to(storage)
         _check_result(writer.destination, info.name, result)
-        writer.write(info.name, result.to(storage).cpu())
+        writer.write(info.name, result.cpu())
 
 
 def default_progress() -> Progress:

@@ -6,7 +6,8 @@ import sys
 
 
 class StderrProgress:
-    """Byte-based progress; silent when stderr is not a terminal and the work is short."""
+    """Byte-based progress bar, drawn only when stderr is a terminal (a log file gets the
+    summary line, not a bar's control codes)."""
 
     def __init__(self) -> None:
         self._bar = None
@@ -23,6 +24,8 @@ class StderrProgress:
         )
 
         self.stop()
+        if not sys.stderr.isatty():
+            return
         self._bar = Progress(
             "[progress.description]{task.description}",
             BarColumn(),

@@ -47,7 +47,7 @@ def _open_file(path: Path) -> CheckpointReader:
         return SafetensorsReader(path)
     if kind == "index":
         return ShardedReader(path, _open_shard)
-    return TorchReader(path, zip_format=kind == "torch-zip")
+    return TorchReader(path)
 
 
 def _open_shard(path: Path) -> CheckpointReader:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,31 +49,45 @@ def _unwrap(payload: object, where: str) -> dict[str, torch.Tensor]:
     return payload
 
 
-class TorchReader(CheckpointReader):
-    """A pickled state dict. Zip-format files are memory-mapped; legacy ones load whole."""
+def _refusal(message: str) -> str:
+    """What the weights-only unpickler objected to, without torch's advice to retry unsafely."""
+    found = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", message)
+    if found:
+        return f"it references {found.group(1) or found.group(2)}, which is not a tensor type"
+    found = re.search(r"Unsupported operand (\d+)", message)
+    if found:
+        return f"it uses pickle opcode {found.group(1)}, which tensor files never need"
+    return "it holds objects other than tensors"
 
-    def __init__(self, path: str | os.PathLike[str], zip_format: bool) -> None:
+
+class TorchReader(CheckpointReader):
+    """A pickled state dict, read whole into memory.
+
+    Not memory-mapped: a mapped file truncated during a merge kills the process with
+    SIGBUS, leaving no chance to clean up. Large checkpoints stream better as safetensors.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         where = str(self.path)
         try:
-            # torch.load given a path that ends in .safetensors hands it to safetensors,
-            # whatever it holds; an open file avoids that. mmap needs a path, so zip files
-            # with other names are mapped and the rest are read from the open file.
-            if zip_format and not self.path.name.endswith(".safetensors"):
-                payload = torch.load(
-                    str(self.path), map_location="cpu", weights_only=True, mmap=True
-                )
-            else:
-                with open(self.path, "rb") as handle:
-                    payload = torch.load(handle, map_location="cpu", weights_only=True)
+            # An open file, not the path: torch.load given a path that ends in
+            # .safetensors hands it to safetensors, whatever it holds.
+            with open(self.path, "rb") as handle, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # protocol and TorchScript notices
+                payload = torch.load(handle, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise CheckpointError(
-                f"{where}: refused to load: the pickle holds more than tensors "
-                f"(weights_only=True said: {first[:200]}); {CONVERT_HINT}"
+                f"{where}: refused to unpickle (weights_only=True): {_refusal(str(exc))}; "
+                + CONVERT_HINT
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "TorchScript" in message:
+                raise CheckpointError(
+                    f"{where}: a TorchScript archive, not a state dict; load it with "
+                    "torch.jit.load, then " + CONVERT_HINT
+                ) from None
             raise CheckpointError(
                 f"{where}: cannot load as a PyTorch state dict: {message[:200]}"
             ) from None

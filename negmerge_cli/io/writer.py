@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import struct
 import tempfile
 from collections.abc import Sequence
@@ -65,18 +66,24 @@ def encode_header(tensors: Sequence[TensorInfo], metadata: dict[str, str] | None
 
 
 class PendingFile:
-    """A temporary file next to ``destination`` that becomes it on ``commit``."""
+    """A temporary file next to ``destination`` that becomes it on ``rename``."""
 
     def __init__(self, destination: Path) -> None:
         self.destination = destination
+        # Signals wait until the temp file is registered, so that an interrupt can never
+        # leave one behind that nobody knows about.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             fd, name = tempfile.mkstemp(
                 prefix=f".{destination.name}.", suffix=PARTIAL_SUFFIX, dir=destination.parent
             )
+            self.temp = Path(name)
+            self._handle = os.fdopen(fd, "wb", buffering=0)
+            _PENDING.add(self)
         except OSError as exc:
             raise OutputError(f"{destination}: cannot create: {exc.strerror}") from None
-        self.temp = Path(name)
-        self._handle = os.fdopen(fd, "wb", buffering=0)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def write(self, data: bytes | memoryview) -> None:
         try:
@@ -102,11 +109,22 @@ class PendingFile:
             raise OutputError(
                 f"{self.destination}: cannot rename into place: {exc.strerror}"
             ) from None
+        _PENDING.discard(self)
 
     def discard(self) -> None:
         if not self._handle.closed:
             self._handle.close()
         self.temp.unlink(missing_ok=True)
+        _PENDING.discard(self)
+
+
+_PENDING: set[PendingFile] = set()
+
+
+def discard_pending() -> None:
+    """Remove every temporary file not yet renamed into place (after an interrupt)."""
+    for pending in list(_PENDING):
+        pending.discard()
 
 
 class SafetensorsWriter:
