@@ -564,7 +564,7 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
         scenario=scenario,
         output=Path(os.path.expanduser(top["output"])),
         seeds=top.get("seeds", (0,)),
-        threads=top.get("threads", 2),
+        threads=top.get("threads", 1),
         data=DataConfig(**data),
         model=ModelConfig(**model),
         pretrain=pretrain,
@@ -658,7 +658,8 @@ def _with_lines(errors: list[str], lines: Mapping[str, int]) -> list[str]:
         # The longest known prefix of the location: ``sweep.grid.lr[1]`` then ``sweep.grid.lr``.
         probe = loc
         while probe and probe not in lines:
-            probe = re.sub(r"(\[\d+\]|\.[^.\[]+|^[^.\[]+)$", "", probe)
+            shorter = re.sub(r"(\[\d+\]|\.[^.\[]*|^[^.\[]+)$", "", probe)
+            probe = "" if shorter == probe else shorter
         if sep and probe:
             out.append(f"{loc} (line {lines[probe]}): {rest}")
         else:
