@@ -28,10 +28,13 @@ def detect_format(path: Path) -> str:
         raise CheckpointError(f"{path}: cannot open: {exc.strerror}") from None
     if head.startswith(b"PK\x03\x04"):
         return "torch-zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "torch-pickle"
+    # Before the pickle test: a safetensors header of 0x380 bytes starts with 80 03, as a
+    # protocol-3 pickle does. A pickle's ninth byte is never "{" (torch's legacy files have
+    # their magic number there, protocol-4 pickles the high bytes of a frame length).
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch-pickle"
     if head.lstrip().startswith(b"{"):
         return "index"
     if len(head) < 8:

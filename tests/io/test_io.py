@@ -118,3 +118,16 @@ def test_tied_weights_in_a_pickle_are_written_as_independent_tensors(tmp_path):
     save_state_dict(state, tmp_path / "untied.safetensors")
     again = load_file(tmp_path / "untied.safetensors")
     assert torch.equal(again["embed"], shared) and torch.equal(again["lm_head"], shared)
+
+
+def test_a_safetensors_header_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    # header length 0x380 = 896: the file starts with bytes 80 03, a protocol-3 pickle's
+    path = tmp_path / "m.safetensors"
+    for pad in range(200):
+        save_state_dict({"w": torch.ones(2)}, path, metadata={"pad": "x" * pad}, force=True)
+        if path.read_bytes()[:2] == b"\x80\x03":
+            break
+    else:
+        pytest.fail("no padding produced a 0x380-byte header")
+    assert detect_format(path) == "safetensors"
+    assert load_state_dict(path)["w"].tolist() == [1.0, 1.0]
