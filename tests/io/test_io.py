@@ -123,7 +123,7 @@ def test_tied_weights_in_a_pickle_are_written_as_independent_tensors(tmp_path):
 def test_a_safetensors_header_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
     # header length 0x380 = 896: the file starts with bytes 80 03, a protocol-3 pickle's
     path = tmp_path / "m.safetensors"
-    for pad in range(200):
+    for pad in range(700, 900):
         save_state_dict({"w": torch.ones(2)}, path, metadata={"pad": "x" * pad}, force=True)
         if path.read_bytes()[:2] == b"\x80\x03":
             break
