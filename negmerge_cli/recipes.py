@@ -155,6 +155,8 @@ class Recipe:
     """Report membership-inference efficacy (SalUn style)."""
     description: str = ""
     source: str = ""
+    overrides: tuple[str, ...] = ()
+    """The ``--set`` strings applied on top of the file (recorded with the results)."""
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The recipe as a plain mapping after overrides (stored with the results)."""
 
@@ -743,7 +745,7 @@ def parse_recipe(
         raise ConfigError(_with_lines(errors, _line_index(text)), source=source)
     from dataclasses import replace
 
-    return replace(recipe, name=recipe.name or name, source=source)
+    return replace(recipe, name=recipe.name or name, source=source, overrides=tuple(overrides))
 
 
 def load_recipe(path_or_name: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Recipe:

@@ -145,8 +145,13 @@ def _rule(recipe: Recipe) -> str:
 
 
 def _command(recipe: Recipe) -> str:
+    """The command that reproduces these results, overrides included."""
+    import shlex
+
     source = recipe.source
-    return f"negmerge run {source[len('bundled:') :] if source.startswith('bundled:') else source}"
+    name = source[len("bundled:") :] if source.startswith("bundled:") else source
+    sets = "".join(f" --set {shlex.quote(item)}" for item in recipe.overrides)
+    return f"negmerge run {shlex.quote(name)}{sets}"
 
 
 def format_markdown(recipe: Recipe, rows: Sequence[dict[str, Any]], seconds: float) -> str:

@@ -123,7 +123,10 @@ def test_demo_writes_the_report_files(demo_output):
     markdown = (out / "results.md").read_text()
     assert "| method | forget acc | retain acc | test acc |" in markdown
     assert "| negmerge |" in markdown and "| greedy |" in markdown
-    assert "negmerge run digits" in markdown
+    assert (
+        "negmerge run digits --set 'seeds=[0]' --set 'sweep.grid={lr: [0.003, 0.01], epochs: [5], "
+        f"augment: [none, shift+noise]}}' --set output={out}`"
+    ) in markdown
     results = json.loads((out / "results.json").read_text())
     assert results["recipe"]["runs"] == [
         "00-lr0.003-ep5-none",

@@ -86,7 +86,9 @@ def test_write_report_writes_strict_json_markdown_and_plots(recipe):
         raise AssertionError(f"results.json holds {constant}")
 
     loaded = json.loads((out / "results.json").read_text(), parse_constant=refuse)
-    assert loaded["command"] == "negmerge run digits"
+    assert loaded["command"] == (
+        f"negmerge run digits --set 'tune.methods=[negmerge, mean]' --set output={out}"
+    )
     assert "| mean (no lambda) | n/a | n/a |" in results["table"]
     assert "- mean: seed(s) 0: no lambda keeps it" in (out / "results.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000
