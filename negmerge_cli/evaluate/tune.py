@@ -309,20 +309,20 @@ def run_tune(
 ) -> dict[str, Any]:
     """Tune every seed of a finished sweep, write the report, and return the results."""
     from negmerge_cli.evaluate.report import write_report
+    from negmerge_cli.train.loop import torch_threads
 
     log = None if quiet else (stream if stream is not None else sys.stderr)
-    torch.set_num_threads(recipe.threads)
     started = time.perf_counter()
-    data = load_digits_data(recipe.data)
     for seed in recipe.seeds:  # fail before any work when a seed's runs are missing
         finished_runs(recipe, seed)
-    per_seed = []
-    for seed in recipe.seeds:
-        result = tune_seed(recipe, seed, data, log)
-        path = seed_dir(recipe, seed) / "tune.json"
-        _write_json(path, result)
-        per_seed.append(result)
-    return write_report(recipe, per_seed, seconds=time.perf_counter() - started)
+    with torch_threads(recipe.threads):
+        data = load_digits_data(recipe.data)
+        per_seed = []
+        for seed in recipe.seeds:
+            result = tune_seed(recipe, seed, data, log)
+            _write_json(seed_dir(recipe, seed) / "tune.json", result)
+            per_seed.append(result)
+        return write_report(recipe, per_seed, seconds=time.perf_counter() - started)
 
 
 def _write_json(path: Path, payload: Any) -> None:

@@ -34,7 +34,7 @@ from negmerge_cli import __version__
 from negmerge_cli.errors import CheckpointError, UsageError
 from negmerge_cli.recipes import Recipe, RunSpec, TrainConfig
 from negmerge_cli.train.data import UnlearningData, load_digits_data
-from negmerge_cli.train.loop import TrainResult, train_model
+from negmerge_cli.train.loop import TrainResult, torch_threads, train_model
 from negmerge_cli.train.models import build_model
 
 MODEL_FILE = "model.safetensors"
@@ -408,8 +408,17 @@ def run_sweep(
 
     ``on_epoch`` is called after every epoch of every run (tests use it to interrupt).
     """
+    with torch_threads(recipe.threads):
+        return _run_sweep(recipe, quiet, stream, on_epoch)
+
+
+def _run_sweep(
+    recipe: Recipe,
+    quiet: bool,
+    stream: TextIO | None,
+    on_epoch: Callable[[int, int, float], None] | None,
+) -> SweepSummary:
     start = time.perf_counter()
-    torch.set_num_threads(recipe.threads)
     data = load_digits_data(recipe.data)
     progress = SweepProgress(stream, quiet)
     per_seed = len(recipe.sweep.runs) + (recipe.model.pretrained is None) + recipe.retrain

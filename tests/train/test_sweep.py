@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from negmerge_cli.errors import UsageError
-from negmerge_cli.io import load_state_dict
+from negmerge_cli.errors import CheckpointError, UsageError
+from negmerge_cli.io import load_state_dict, save_state_dict
 from negmerge_cli.recipes import load_recipe
 from negmerge_cli.train.sweep import (
     MODEL_FILE,
@@ -192,3 +192,19 @@ def test_pretrained_weights_from_a_file_are_used_instead_of_pretraining(tmp_path
     assert summary.trained == 1  # the fine-tune only
     assert not (tmp_path / "b" / "seed-0" / "pretrained").exists()
     assert os.path.samefile(pretrained_path(second, 0), weights)
+
+
+def test_pretrained_weights_that_do_not_fit_the_model_are_refused_with_the_file_name(
+    tmp_path: Path,
+):
+    weights = tmp_path / "other.safetensors"
+    save_state_dict({"fc.weight": torch.zeros(3, 3)}, weights)
+    recipe = tiny(tmp_path / "o", "sweep.grid={lr: [0.01]}", f"model.pretrained={weights}")
+    with pytest.raises(CheckpointError, match=f"{weights}: does not fit model small_cnn"):
+        run_sweep(recipe, quiet=True)
+
+
+def test_the_sweep_restores_the_callers_thread_count(tmp_path: Path):
+    before = torch.get_num_threads()
+    run_sweep(tiny(tmp_path / "o", "sweep.grid={lr: [0.01]}", "threads=3"), quiet=True)
+    assert torch.get_num_threads() == before
