@@ -153,9 +153,8 @@ class _Vectors:
         self.count = 0
 
     def __call__(self, method: str, runs: Sequence[Path]) -> State:
-        from safetensors.torch import load_file
-
         from negmerge_cli import merge
+        from negmerge_cli.io import load_state_dict
 
         self.count += 1
         path = self.folder / f"{self.count:04d}-{method}.safetensors"
@@ -163,9 +162,7 @@ class _Vectors:
             self.base, list(runs), None, method=method, density=self.recipe.tune.ties_density,
             save_vector=path, quiet=True,
         )  # fmt: skip
-        # The engine writes the vector as safetensors; read it as such rather than through
-        # format detection (which can take a header length of 0x380 bytes for a pickle).
-        vector = load_file(path)
+        vector = load_state_dict(path)
         path.unlink()
         return vector
 

@@ -133,15 +133,9 @@ def write_run(folder: Path, state: dict[str, torch.Tensor], info: dict[str, Any]
     temp.mkdir()
     try:
         from negmerge_cli.io import save_state_dict
-        from negmerge_cli.io.open import detect_format
 
         metadata = {"negmerge_run": json.dumps({k: info[k] for k in ("kind", "run_id", "seed")})}
         save_state_dict(state, temp / MODEL_FILE, metadata=metadata)
-        if detect_format(temp / MODEL_FILE) != "safetensors":
-            # A header length like 0x380 makes the file start as a pickle would; one more
-            # metadata byte moves it off that pattern so every reader sees safetensors.
-            metadata["pad"] = "-"
-            save_state_dict(state, temp / MODEL_FILE, metadata=metadata, force=True)
         text = json.dumps(info, indent=2, sort_keys=True) + "\n"
         (temp / (RUN_FILE + ".part")).write_text(text, encoding="utf-8")
         os.replace(temp / (RUN_FILE + ".part"), temp / RUN_FILE)
