@@ -8,8 +8,11 @@ imported inside the commands, never at start-up.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +21,7 @@ import typer
 from negmerge_cli.cli.app import app
 from negmerge_cli.cli.options import QuietOpt
 from negmerge_cli.cli.recipes_cmd import RecipeArg, SetOpt
-from negmerge_cli.errors import Interrupted, UsageError
+from negmerge_cli.errors import Interrupted, OutputError, UsageError
 
 DEMO_RECIPE = "digits"
 
@@ -52,24 +55,41 @@ def _load(recipe: str, overrides: list[str] | None, output: Path | None) -> Any:
     return loaded
 
 
+@contextlib.contextmanager
+def _stoppable(what: str) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the work cleanly (temp folders removed); OS errors become
+    one line naming the file."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(what) from None
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise OutputError(f"{where}{exc.strerror or exc}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _sweep(recipe: Any, quiet: bool) -> None:
     from negmerge_cli.train.sweep import run_sweep
 
-    try:
+    stopped = (
+        f"sweep interrupted; finished runs in {recipe.output} are kept, run it again to resume"
+    )
+    with _stoppable(stopped):
         run_sweep(recipe, quiet=quiet)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"sweep interrupted; finished runs in {recipe.output} are kept, run it again to resume"
-        ) from None
 
 
 def _tune(recipe: Any, quiet: bool) -> None:
     from negmerge_cli.evaluate.tune import run_tune
 
-    try:
+    with _stoppable("tuning interrupted; rerun `negmerge tune` (the runs are kept)"):
         results = run_tune(recipe, quiet=quiet)
-    except KeyboardInterrupt:
-        raise Interrupted("tuning interrupted; rerun `negmerge tune` (the runs are kept)") from None
     typer.echo(results["table"])
     if not quiet:
         notes = [f"{row['name']}: {n}" for row in results["rows"] for n in row["notes"]]

@@ -179,3 +179,35 @@ def test_an_interrupted_sweep_exits_130_and_says_how_to_resume(cli, tmp_path: Pa
     code, _, err = cli("sweep", "digits", *SMALL, "-o", tmp_path / "o")
     assert code == 130
     assert "sweep interrupted; finished runs in" in err and "run it again to resume" in err
+
+
+def test_an_output_that_is_a_file_is_one_line_naming_it(cli, tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = cli("sweep", "digits", *SMALL, "-o", blocker, "--quiet")
+    assert code == 1
+    assert err.startswith(f"negmerge: error: {blocker}: File exists")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_sigterm_stops_a_sweep_cleanly(tmp_path: Path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "negmerge_cli", "sweep", "digits", *SMALL, "-o", str(out)]
+    # Long pre-training so that the signal lands while work is going on.
+    proc = subprocess.Popen(
+        [*argv, "--set", "pretrain.epochs=400"], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not out.is_dir() and time.monotonic() < deadline:  # made when the sweep starts
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "sweep interrupted; finished runs in" in err and "Traceback" not in err
+    assert not list(out.rglob(".tmp-*"))
+    assert not list(out.rglob("run.json"))
