@@ -209,9 +209,18 @@ def tune_seed(
     with tempfile.TemporaryDirectory(prefix="negmerge-tune-") as temp:
         vectors = _Vectors(recipe, base_file, Path(temp))
 
-        def finish(method: str, vector: State, run_paths: Sequence[Path], started: float,
-                   details: dict[str, Any] | None = None, curve: Curve | None = None,
-                   selection: Selection | None = None) -> None:  # fmt: skip
+        def finish(
+            method: str,
+            vector: State,
+            run_paths: Sequence[Path],
+            started: float,
+            *,
+            details: dict[str, Any] | None = None,
+            curve: Curve | None = None,
+            selection: Selection | None = None,
+            earlier_seconds: float = 0.0,
+        ) -> None:
+            """Choose lambda (unless given), measure the test sets there, record, log."""
             if curve is None:
                 curve = evaluator.curve(vector, lambdas)
             if selection is None:
@@ -222,7 +231,7 @@ def tune_seed(
                 test = evaluator.test(evaluator.edited(vector, selection.lam))
             results[method] = MethodResult(
                 method, selection, curve, test, [_run_id(p) for p in run_paths],
-                time.perf_counter() - started, details or {},
+                time.perf_counter() - started + earlier_seconds, details or {},
             )  # fmt: skip
             if selection.feasible:
                 say(
@@ -257,7 +266,7 @@ def tune_seed(
                 # Timed from the start of the single-run pass: choosing needs every run.
                 finish(
                     "single", vector, [runs[best]], started,
-                    {"candidates": candidates}, curve, sel,
+                    details={"candidates": candidates}, curve=curve, selection=sel,
                 )  # fmt: skip
 
         if "greedy" in recipe.tune.methods:
@@ -275,12 +284,12 @@ def tune_seed(
                 steps.append({"added": singles[i][0], "kept": keep, **sel.as_dict()})
                 if keep:
                     kept, current_sel, current_curve, current_vector = trial, sel, curve, vector
+            # Greedy needs the single-run scores first: its time counts that work too.
             finish(
                 "greedy", current_vector, [runs[j] for j in kept], started,
-                {"steps": steps}, current_curve, current_sel,
+                details={"steps": steps}, curve=current_curve, selection=current_sel,
+                earlier_seconds=single_seconds,
             )  # fmt: skip
-            # Greedy needs the single-run scores first: count that work in its time too.
-            results["greedy"].seconds += single_seconds
 
     ordered = {m: results[m].as_dict() for m in recipe.tune.methods if m in results}
     for entry in [*ordered.values()]:

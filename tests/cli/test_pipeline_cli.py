@@ -116,6 +116,24 @@ def test_demo_forgets_the_two_classes_and_keeps_the_rest(demo_output):
     assert 1 <= seed["methods"]["greedy"]["models_merged"] <= 4
 
 
+def test_single_keeps_the_best_run_and_greedy_starts_from_it(demo_output):
+    out, _, _ = demo_output
+    methods = json.loads((out / "results.json").read_text())["per_seed"][0]["methods"]
+    single, greedy = methods["single"], methods["greedy"]
+    candidates = single["candidates"]
+    assert len(candidates) == 4
+    best = min(candidates, key=lambda c: (c["score"], -c["val_retain"]))
+    assert single["runs"] == [best["run"]]
+    assert single["lambda"] == best["lambda"]
+    steps = greedy["steps"]
+    assert steps[0]["added"] == best["run"] and steps[0]["kept"]
+    assert sorted(step["added"] for step in steps) == sorted(c["run"] for c in candidates)
+    assert greedy["models_merged"] == sum(step["kept"] for step in steps)
+    # Greedy only ever keeps an improvement: it is never worse than single on validation.
+    g, s = greedy["selection"], single["selection"]
+    assert (g["score"], -g["val_retain"]) <= (s["score"], -s["val_retain"])
+
+
 def test_demo_writes_the_report_files(demo_output):
     out, _, _ = demo_output
     for name in ("curves.png", "methods.png"):
