@@ -147,7 +147,7 @@ def demo(
     output: OutputOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the bundled digits recipe: forget two digit classes from a small CNN (~1 min).
+    """Run the bundled digits recipe: forget two digit classes from a small CNN (~40 s).
 
     The same as `negmerge run digits`; needs no download (scikit-learn ships the data).
     """
