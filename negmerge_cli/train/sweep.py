@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -163,6 +163,23 @@ def remove_leftovers(folder: Path) -> list[Path]:
     return removed
 
 
+def remove_run_leftovers(folder: Path) -> list[Path]:
+    """Delete the temp folders earlier attempts at this one run left (``.tmp-<name>-<pid>``).
+
+    Used where a process may run only this run, whatever the pid: a Ray task retried after
+    its worker died (perhaps on another node, where the pid means nothing here).
+    """
+    removed = []
+    if not folder.parent.is_dir():
+        return removed
+    for entry in folder.parent.iterdir():
+        stem, _, pid_text = entry.name.rpartition("-")
+        if stem == f"{TEMP_PREFIX}{folder.name}" and pid_text.isdigit():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -226,6 +243,9 @@ class SweepSummary:
     skipped: int
     seconds: float
     folders: tuple[Path, ...]
+    failed: tuple[tuple[str, str], ...] = ()
+    """``(run label, reason)`` of every run that failed for good (Ray backend; the local
+    backend stops at the first error instead)."""
 
 
 def _run_info(
@@ -328,6 +348,110 @@ def load_model_weights(recipe: Recipe, path: Path) -> torch.nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class SweepJob:
+    """One training run of a sweep, as plain data (a backend may send it to another process).
+
+    ``kind`` is ``pretrain`` (trains ``data.train`` from the seed's initialisation),
+    ``retrain`` (``data.retain``, the reference) or ``finetune`` (``data.forget``, starting
+    from the seed's pre-trained model, so it waits for ``pretrain``).
+    """
+
+    kind: str
+    seed: int
+    run_id: str
+    label: str
+    """How progress names the run: ``seed 0 run 03-lr0.003-ep2``."""
+    folder: Path
+    params: TrainConfig
+    train_seed: int
+    varied: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def seed_jobs(recipe: Recipe, seed: int) -> list[SweepJob]:
+    """Every run one seed needs, in the order the local backend runs them: pre-train (when
+    the recipe has no pre-trained file), retrain (when asked), then each fine-tune."""
+    root = seed_dir(recipe, seed)
+    jobs = []
+    if recipe.model.pretrained is None:
+        jobs.append(SweepJob("pretrain", seed, "pretrained", f"seed {seed} pre-train",
+                             root / "pretrained", recipe.pretrain, seed))  # fmt: skip
+    if recipe.retrain:
+        jobs.append(SweepJob("retrain", seed, "retrained", f"seed {seed} retrain on retain set",
+                             root / "retrained", recipe.pretrain, seed))  # fmt: skip
+    for run in recipe.sweep.runs:
+        jobs.append(SweepJob("finetune", seed, run.run_id, f"seed {seed} run {run.run_id}",
+                             run_dir(recipe, seed, run), run.params,
+                             derive_seed(seed, run.run_id), dict(run.varied)))  # fmt: skip
+    return jobs
+
+
+@dataclass
+class StartingPoint:
+    """The pre-trained model the fine-tunes of one seed start from, loaded once."""
+
+    sha256: str
+    model: torch.nn.Module
+    state: dict[str, torch.Tensor]
+
+
+def load_starting_point(recipe: Recipe, seed: int) -> StartingPoint:
+    """Load the seed's pre-trained model (it must exist) and note its SHA-256."""
+    path = pretrained_path(recipe, seed)
+    sha = file_sha256(path)
+    model = load_model_weights(recipe, path)
+    return StartingPoint(sha, model, {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def sweep_data(recipe: Recipe) -> UnlearningData:
+    """The data every run of ``recipe`` trains on (each backend's process loads it once)."""
+    return load_digits_data(recipe.data)
+
+
+def job_is_finished(job: SweepJob, start: StartingPoint | None = None) -> bool:
+    """True when ``job`` finished earlier with the recipe's settings (skip it); an error
+    when its folder holds a run made differently. A fine-tune needs ``start``."""
+    base_sha = None
+    if job.kind == "finetune":
+        assert start is not None
+        base_sha = start.sha256
+    return _check_reusable(job.folder, job.params, job.seed, base_sha)
+
+
+def run_job(
+    recipe: Recipe,
+    job: SweepJob,
+    data: UnlearningData,
+    progress: SweepProgress,
+    start: StartingPoint | None = None,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+) -> TrainResult | None:
+    """Train and write one run unless it finished earlier; None when it was skipped.
+
+    A fine-tune loads its starting point from disk unless ``start`` is given. The caller
+    announces the run with ``progress.start``.
+    """
+    if job.kind == "finetune" and start is None:
+        start = load_starting_point(recipe, job.seed)
+    if job_is_finished(job, start):
+        progress.finish("finished earlier, skipped")
+        return None
+    if job.kind == "finetune":
+        assert start is not None
+        model = start.model
+        model.load_state_dict(start.state)
+        split = data.forget
+    else:
+        model = build_model(recipe.model, seed=job.seed)
+        split = data.train if job.kind == "pretrain" else data.retain
+    return _train_and_write(
+        job.folder, job.kind, job.run_id, model, split.x, split.y, job.params, job.seed,
+        job.train_seed, progress, varied=dict(job.varied),
+        base_sha256=start.sha256 if job.kind == "finetune" and start else None,
+        on_epoch=on_epoch,
+    )  # fmt: skip
+
+
 def sweep_seed(
     recipe: Recipe,
     seed: int,
@@ -342,52 +466,17 @@ def sweep_seed(
         for leftover in remove_leftovers(folder):
             progress.note(f"removed the leftover of an interrupted run: {leftover}")
 
-    if recipe.model.pretrained is None:
-        folder = root / "pretrained"
-        progress.start(f"seed {seed} pre-train")
-        if _check_reusable(folder, recipe.pretrain, seed, None):
-            progress.finish("finished earlier, skipped")
+    start = None
+    for job in seed_jobs(recipe, seed):
+        if job.kind != "pretrain" and start is None:
+            # Loaded once per seed, and before the retrain: weights that do not fit the
+            # model are refused before any training.
+            start = load_starting_point(recipe, seed)
+        progress.start(job.label)
+        if run_job(recipe, job, data, progress, start, on_epoch) is None:
             skipped += 1
         else:
-            model = build_model(recipe.model, seed=seed)
-            _train_and_write(
-                folder, "pretrain", "pretrained", model, data.train.x, data.train.y,
-                recipe.pretrain, seed, seed, progress, on_epoch=on_epoch,
-            )  # fmt: skip
             trained += 1
-    base_path = pretrained_path(recipe, seed)
-    base_sha = file_sha256(base_path)
-    base_model = load_model_weights(recipe, base_path)
-    base_state = {k: v.clone() for k, v in base_model.state_dict().items()}
-
-    if recipe.retrain:
-        folder = root / "retrained"
-        progress.start(f"seed {seed} retrain on retain set")
-        if _check_reusable(folder, recipe.pretrain, seed, None):
-            progress.finish("finished earlier, skipped")
-            skipped += 1
-        else:
-            model = build_model(recipe.model, seed=seed)
-            _train_and_write(
-                folder, "retrain", "retrained", model, data.retain.x, data.retain.y,
-                recipe.pretrain, seed, seed, progress, on_epoch=on_epoch,
-            )  # fmt: skip
-            trained += 1
-
-    for run in recipe.sweep.runs:
-        folder = run_dir(recipe, seed, run)
-        progress.start(f"seed {seed} run {run.run_id}")
-        if _check_reusable(folder, run.params, seed, base_sha):
-            progress.finish("finished earlier, skipped")
-            skipped += 1
-            continue
-        base_model.load_state_dict(base_state)
-        _train_and_write(
-            folder, "finetune", run.run_id, base_model, data.forget.x, data.forget.y,
-            run.params, seed, derive_seed(seed, run.run_id), progress,
-            varied=dict(run.varied), base_sha256=base_sha, on_epoch=on_epoch,
-        )  # fmt: skip
-        trained += 1
     return trained, skipped
 
 
@@ -413,7 +502,7 @@ def _run_sweep(
     on_epoch: Callable[[int, int, float], None] | None,
 ) -> SweepSummary:
     start = time.perf_counter()
-    data = load_digits_data(recipe.data)
+    data = sweep_data(recipe)
     progress = SweepProgress(stream, quiet)
     per_seed = len(recipe.sweep.runs) + (recipe.model.pretrained is None) + recipe.retrain
     progress.begin(per_seed * len(recipe.seeds))
