@@ -136,6 +136,19 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class ResourcesConfig:
+    """What each run of the sweep asks a Ray cluster for (``--backend ray``; the local
+    backend ignores it)."""
+
+    cpus: float = 1.0
+    """CPUs reserved for each run."""
+    gpus: float = 0.0
+    """GPUs reserved for each run (a fraction shares a GPU between runs)."""
+    retries: int = 3
+    """How often a run whose worker died (a killed process, a lost node) is started again."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated recipe; build it with :func:`load_recipe`."""
 
@@ -157,6 +170,8 @@ class Recipe:
     source: str = ""
     overrides: tuple[str, ...] = ()
     """The ``--set`` strings applied on top of the file (recorded with the results)."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Per-run resources and retries on Ray."""
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The recipe as a plain mapping after overrides (stored with the results)."""
 
@@ -281,6 +296,20 @@ def _existing_path(value: Any, loc: str, errors: list[str]) -> Any:
         errors.append(f"{loc}: file not found: {value}")
         return _INVALID
     return path
+
+
+def _ray_quantity(hi: int) -> Check:
+    """A resource amount as Ray takes it: a fraction below 1, or a whole number."""
+    number = _float(0.0, hi)
+
+    def check(value: Any, loc: str, errors: list[str]) -> Any:
+        value = number(value, loc, errors)
+        if value is not _INVALID and value > 1 and not value.is_integer():
+            errors.append(f"{loc}: {value:g}: Ray takes a fraction below 1 or a whole number")
+            return _INVALID
+        return value
+
+    return check
 
 
 def _join(loc: str, key: Any) -> str:
@@ -489,6 +518,7 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
         "sweep": (anything[0], _REQUIRED),
         "reference": anything,
         "tune": anything,
+        "resources": anything,
     }
     top = _section(raw, "", top_spec, errors)
     if top is None:
@@ -556,10 +586,18 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
     }
     tune = _section(raw.get("tune"), "tune", tune_spec, errors)
 
+    resources_spec: dict[str, tuple[Check, Any]] = {
+        "cpus": (_ray_quantity(1024), None),
+        "gpus": (_ray_quantity(64), None),
+        "retries": (_int(0, 100), None),
+    }
+    resources = _section(raw.get("resources"), "resources", resources_spec, errors)
+
     if errors:
         return None
     assert data is not None and model is not None and pretrain is not None
     assert sweep is not None and reference is not None and tune is not None
+    assert resources is not None
     return Recipe(
         name=top.get("name", ""),
         description=top.get("description", ""),
@@ -574,6 +612,7 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
         tune=TuneConfig(**tune),
         retrain=reference.get("retrain", scenario == "random"),
         mia=reference.get("mia", scenario == "random"),
+        resources=ResourcesConfig(**resources),
         raw=raw,
     )
 
