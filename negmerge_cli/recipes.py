@@ -33,11 +33,22 @@ import yaml
 
 from negmerge_cli.errors import ConfigError
 
-SCENARIOS = ("class", "random")
-DATASETS = ("digits",)
-ARCHITECTURES = ("small_cnn",)
-OPTIMIZERS = ("sgd", "adam")
-AUGMENTATIONS = ("none", "shift", "noise", "shift+noise")
+SCENARIOS = ("class", "random", "task")
+"""``task``: task negation (forget a whole dataset, keep a control task; the CLIP setting)."""
+VISION_DATASETS = (
+    "cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn", "imagenet",
+    "cifar10",
+)  # fmt: skip
+"""Image datasets read from a local folder (never downloaded)."""
+DATASETS = ("digits", *VISION_DATASETS)
+ARCHITECTURES = ("small_cnn", "resnet18", "clip")
+FINETUNE_MODES = ("full", "linear")
+"""``linear``: fine-tune the first-order expansion around the pre-trained weights (CLIP)."""
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("none", "shift", "noise", "shift+noise", "crop+flip")
 MERGE_METHODS = ("negmerge", "mean", "ties", "magmax")
 """Methods computed by the merge engine from all runs at once."""
 SEARCH_METHODS = ("single", "greedy")
@@ -74,6 +85,14 @@ class TrainConfig:
     """``none``, ``shift`` (random 1-pixel shifts), ``noise`` (Gaussian) or ``shift+noise``."""
     noise_std: float = 0.1
     """Standard deviation of the Gaussian noise augmentation (pixels are in [0, 1])."""
+    schedule: str = "constant"
+    """Learning-rate schedule: ``constant`` or ``cosine`` (to 0 at the last step)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the schedule."""
+    randaug_magnitude: int = 0
+    """torchvision RandAugment magnitude (image datasets; 0 = no RandAugment)."""
+    randaug_ops: int = 2
+    """RandAugment's number of operations per image."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,18 @@ class DataConfig:
     """Held out from the training data; used only to choose lambda and runs."""
     split_seed: int = 0
     """Fixes the splits (and the random forget set); the same for every seed."""
+    validation_max: int | None = None
+    """At most this many validation images (image datasets: 10% of train, at most 5,000)."""
+    root: Path | None = None
+    """Image datasets: the folder holding one sub-folder per dataset (``root/eurosat``)."""
+    class_names: Path | None = None
+    """A text file with one class name per line, replacing the dataset's own names."""
+    control: str | None = None
+    """Task negation: the control task whose accuracy must be kept (``imagenet``)."""
+    control_class_names: Path | None = None
+    """Class-name file of the control task (ImageNet folders are named by WordNet id)."""
+    limit: int | None = None
+    """Use at most this many images of each split (quick trials; None = all)."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +141,14 @@ class ModelConfig:
     channels: tuple[int, int] = (16, 32)
     hidden: int = 64
     pretrained: Path | None = None
-    """A state dict to start from; when absent the recipe pre-trains (``pretrain``)."""
+    """A state dict to start from; when absent the recipe pre-trains (``pretrain``). For
+    ``clip``: the open_clip weights file (or a folder holding exactly one)."""
+    name: str = "ViT-B-32"
+    """``clip``: the open_clip model name (ViT-B-32, ViT-B-16, ViT-L-14, ...)."""
+    quick_gelu: bool = True
+    """``clip``: QuickGELU activations, as OpenAI's weights need."""
+    finetune: str = "full"
+    """``clip``: ``full`` fine-tuning of the image encoder or ``linear`` (its linearization)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +204,12 @@ class Recipe:
     """Retrain from scratch on the retain set as the reference (random forgetting)."""
     mia: bool
     """Report membership-inference efficacy (SalUn style)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    precision: str = "fp32"
+    """``bf16``: autocast matrix products to bfloat16 on CUDA (weights stay float32)."""
+    workers: int = 0
+    """DataLoader worker processes decoding images (image datasets)."""
     description: str = ""
     source: str = ""
     overrides: tuple[str, ...] = ()
@@ -298,6 +342,13 @@ def _existing_path(value: Any, loc: str, errors: list[str]) -> Any:
     return path
 
 
+def _path(value: Any, loc: str, errors: list[str]) -> Any:
+    """A path that need not exist yet (checked by :func:`check_files` before running)."""
+    if _str(value, loc, errors) is _INVALID:
+        return _INVALID
+    return Path(os.path.expanduser(value))
+
+
 def _ray_quantity(hi: int) -> Check:
     """A resource amount as Ray takes it: a fraction below 1, or a whole number."""
     number = _float(0.0, hi)
@@ -358,6 +409,10 @@ TRAIN_FIELDS: dict[str, tuple[Check, Any]] = {
     "label_smoothing": (_float(0.0, 1.0, open_hi=True), None),
     "augment": (_choice(AUGMENTATIONS), None),
     "noise_std": (_float(0.0, None), None),
+    "schedule": (_choice(SCHEDULES), None),
+    "warmup_steps": (_int(0, 10_000_000), None),
+    "randaug_magnitude": (_int(0, 30), None),
+    "randaug_ops": (_int(1, 16), None),
 }
 
 # Short names used in run folder names (``03-lr0.03-ep6-ls0.1-shift``).
@@ -371,6 +426,10 @@ _RUN_ID_ABBREVIATIONS = {
     "label_smoothing": "ls",
     "augment": "",
     "noise_std": "ns",
+    "schedule": "",
+    "warmup_steps": "wu",
+    "randaug_magnitude": "m",
+    "randaug_ops": "n",
 }
 
 
@@ -435,7 +494,7 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _sweep(raw: Any, errors: list[str]) -> SweepConfig | None:
+def _sweep(raw: Any, errors: list[str], defaults: TrainConfig | None = None) -> SweepConfig | None:
     spec: dict[str, tuple[Check, Any]] = {
         "base": (lambda v, loc, errs: v, None),
         "grid": (lambda v, loc, errs: v, None),
@@ -444,7 +503,7 @@ def _sweep(raw: Any, errors: list[str]) -> SweepConfig | None:
     values = _section(raw, "sweep", spec, errors)
     if values is None:
         return None
-    base = _train_config(values.get("base"), "sweep.base", errors, TrainConfig())
+    base = _train_config(values.get("base"), "sweep.base", errors, defaults or TrainConfig())
     variations: list[dict[str, Any]] = []
     ok = True
     if "grid" in values and "runs" in values:
@@ -512,6 +571,9 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
         "output": (_str, _REQUIRED),
         "seeds": (_list_of(_int(0, 2**31 - 1), unique=True), None),
         "threads": (_int(1, 1024), None),
+        "device": (_choice(DEVICES), None),
+        "precision": (_choice(PRECISIONS), None),
+        "workers": (_int(0, 256), None),
         "data": (anything[0], _REQUIRED),
         "model": anything,
         "pretrain": anything,
@@ -535,10 +597,17 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
         "test_fraction": (_float(0.0, 0.9, open_lo=True), None),
         "validation_fraction": (_float(0.0, 0.9, open_lo=True), None),
         "split_seed": (_int(0, 2**31 - 1), None),
+        "validation_max": (_optional(_int(1, 10_000_000)), None),
+        "root": (_optional(_path), None),
+        "class_names": (_optional(_path), None),
+        "control": (_optional(_choice(VISION_DATASETS)), None),
+        "control_class_names": (_optional(_path), None),
+        "limit": (_optional(_int(1, 1_000_000_000)), None),
     }
     data_raw = raw.get("data")
     data = _section(data_raw, "data", data_spec, errors)
     if data is not None and "data" in raw:
+        _check_vision_data(data, data_raw, scenario, errors)
         if scenario == "class":
             if "forget_classes" not in data and "forget_classes" not in (data_raw or {}):
                 errors.append("data.forget_classes: required for scenario 'class'")
@@ -560,19 +629,30 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
                 "training data (keep it below 0.9)"
             )
 
+    arch = (raw.get("model") or {}).get("arch") if isinstance(raw.get("model"), dict) else None
     model_spec: dict[str, tuple[Check, Any]] = {
         "arch": (_choice(ARCHITECTURES), None),
         "channels": (_list_of(_int(1, 4096), min_len=2), None),
         "hidden": (_int(1, 1_000_000), None),
-        "pretrained": (_optional(_existing_path), None),
+        # CLIP weights are checked with the data folders (check_files), so that a recipe
+        # can be validated on a machine that does not hold them yet.
+        "pretrained": (_optional(_path if arch == "clip" else _existing_path), None),
+        "name": (_str, None),
+        "quick_gelu": (_bool, None),
+        "finetune": (_choice(FINETUNE_MODES), None),
     }
     model = _section(raw.get("model"), "model", model_spec, errors)
     if model is not None and "channels" in model and len(model["channels"]) != 2:
         errors.append(f"model.channels: expected 2 integers, got {len(model['channels'])}")
+    if model is not None and data is not None:
+        _check_model(model, raw.get("model") or {}, data, scenario, errors)
 
     pretrain_defaults = TrainConfig(lr=0.003, epochs=30, batch_size=64, optimizer="adam")
     pretrain = _train_config(raw.get("pretrain"), "pretrain", errors, pretrain_defaults)
-    sweep = _sweep(raw["sweep"], errors) if "sweep" in raw else None
+    sweep_defaults = None
+    if scenario == "task" and data is not None:
+        sweep_defaults = clip_finetune_defaults(data.get("dataset", "digits"))
+    sweep = _sweep(raw["sweep"], errors, sweep_defaults) if "sweep" in raw else None
 
     reference_spec: dict[str, tuple[Check, Any]] = {"retrain": (_bool, None), "mia": (_bool, None)}
     reference = _section(raw.get("reference"), "reference", reference_spec, errors)
@@ -598,11 +678,14 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
     assert data is not None and model is not None and pretrain is not None
     assert sweep is not None and reference is not None and tune is not None
     assert resources is not None
+    output = _output_path(top["output"], data, model, errors)
+    if output is None:
+        return None
     return Recipe(
         name=top.get("name", ""),
         description=top.get("description", ""),
         scenario=scenario,
-        output=Path(os.path.expanduser(top["output"])),
+        output=output,
         seeds=top.get("seeds", (0,)),
         threads=top.get("threads", 1),
         data=DataConfig(**data),
@@ -612,9 +695,155 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
         tune=TuneConfig(**tune),
         retrain=reference.get("retrain", scenario == "random"),
         mia=reference.get("mia", scenario == "random"),
+        device=top.get("device", "auto"),
+        precision=top.get("precision", "fp32"),
+        workers=top.get("workers", 0),
         resources=ResourcesConfig(**resources),
         raw=raw,
     )
+
+
+CLIP_EPOCHS = {
+    "cars": 35, "dtd": 76, "eurosat": 12, "gtsrb": 11, "mnist": 5, "resisc45": 15,
+    "sun397": 14, "svhn": 4, "imagenet": 4, "cifar10": 5,
+}  # fmt: skip
+"""Fine-tuning epochs per task of the task-vectors reference (Ilharco et al., ICLR 2023)."""
+
+
+def clip_finetune_defaults(dataset: str) -> TrainConfig:
+    """The reference fine-tuning of CLIP's image encoder on ``dataset`` (task negation).
+
+    AdamW, lr 1e-5, weight decay 0.1, batch 128, 500 warm-up steps then cosine, and the
+    reference's epoch count for the task; a recipe's ``sweep.base`` overrides any of it.
+    """
+    return TrainConfig(
+        lr=1e-5, epochs=CLIP_EPOCHS.get(dataset, 5), batch_size=128, optimizer="adamw",
+        weight_decay=0.1, schedule="cosine", warmup_steps=500,
+    )  # fmt: skip
+
+
+def _output_path(
+    text: str, data: dict[str, Any], model: dict[str, Any], errors: list[str]
+) -> Path | None:
+    """The output folder, with ``{dataset}``, ``{arch}``, ``{model}`` and ``{finetune}``
+    filled in (so that ``--set data.dataset=dtd`` writes next to, not over, eurosat)."""
+    fill = {
+        "dataset": data.get("dataset", "digits"),
+        "arch": model.get("arch", "small_cnn"),
+        "model": model.get("name", "ViT-B-32"),
+        "finetune": model.get("finetune", "full"),
+    }
+    try:
+        text = text.format(**fill)
+    except (KeyError, IndexError, ValueError) as exc:
+        errors.append(
+            f"output: cannot fill in {text!r} ({exc}); the placeholders are "
+            + ", ".join("{" + k + "}" for k in fill)
+        )
+        return None
+    return Path(os.path.expanduser(text))
+
+
+def _check_vision_data(
+    data: dict[str, Any], data_raw: Any, scenario: Any, errors: list[str]
+) -> None:
+    """Cross-field rules of the image datasets and of task negation."""
+    given = data_raw if isinstance(data_raw, dict) else {}
+    dataset = data.get("dataset", "digits")
+    if dataset in VISION_DATASETS and "root" not in given:
+        errors.append(
+            f"data.root: required for dataset {dataset!r} (the folder that holds "
+            f"{dataset}/ and the other datasets)"
+        )
+    if dataset == "digits":
+        for key in ("root", "class_names", "control", "control_class_names", "limit"):
+            if key in given:
+                errors.append(f"data.{key}: only for the image datasets, not digits")
+    if scenario == "task":
+        for key in ("forget_classes", "forget_fraction"):
+            if key in given:
+                errors.append(f"data.{key}: not for scenario 'task' (the whole task is forgotten)")
+        if dataset == "digits":
+            errors.append("data.dataset: scenario 'task' needs an image dataset, not digits")
+        if data.get("control", "imagenet") == dataset:
+            errors.append(f"data.control: the control task must differ from {dataset!r}")
+    elif "control" in given or "control_class_names" in given:
+        errors.append("data.control: only for scenario 'task'")
+
+
+def _check_model(
+    model: dict[str, Any], model_raw: Any, data: dict[str, Any], scenario: Any, errors: list[str]
+) -> None:
+    """Which architecture goes with which data and scenario; CLIP needs its weights."""
+    given = model_raw if isinstance(model_raw, dict) else {}
+    arch = model.get("arch", "small_cnn")
+    dataset = data.get("dataset", "digits")
+    if arch == "clip":
+        if scenario != "task":
+            errors.append("model.arch: clip is for scenario 'task' (task negation)")
+        if "pretrained" not in given or model.get("pretrained") is None:
+            errors.append(
+                "model.pretrained: required for arch clip (the open_clip weights file, e.g. "
+                "the OpenAI ViT-B-32 checkpoint; nothing is downloaded)"
+            )
+        for key in ("channels", "hidden"):
+            if key in given:
+                errors.append(f"model.{key}: only for arch small_cnn")
+    else:
+        for key in ("name", "quick_gelu", "finetune"):
+            if key in given:
+                errors.append(f"model.{key}: only for arch clip")
+        if scenario == "task":
+            errors.append("model.arch: scenario 'task' needs arch clip (a zero-shot head)")
+        if arch == "small_cnn" and dataset != "digits":
+            errors.append(f"model.arch: small_cnn reads 8x8 digits; use resnet18 for {dataset}")
+        if arch == "resnet18" and dataset == "digits":
+            errors.append("model.arch: resnet18 is for the image datasets (e.g. cifar10)")
+        if arch == "resnet18" and ("channels" in given or "hidden" in given):
+            errors.append("model.channels: only for arch small_cnn")
+
+
+def check_files(recipe: Recipe) -> list[str]:
+    """What a recipe needs on disk that is missing: data folders, CLIP weights, name files.
+
+    Each problem names the recipe key, the path and what to put there. Empty when the
+    recipe can run. Digits needs nothing (scikit-learn ships it).
+    """
+    problems: list[str] = []
+    data, model = recipe.data, recipe.model
+    if data.dataset in VISION_DATASETS and data.root is not None:
+        names = [("data.root", data.dataset)]
+        if recipe.scenario == "task":
+            names.append(("data.control", data.control or "imagenet"))
+        for key, name in names:
+            folder = data.root / name
+            if not folder.is_dir():
+                problems.append(
+                    f"{key}: no {name} data: the folder {folder} does not exist; put {name} "
+                    f"there ({DATA_LAYOUT_HINT})"
+                )
+    for key, path in (
+        ("data.class_names", data.class_names),
+        ("data.control_class_names", data.control_class_names),
+    ):
+        if path is not None and not path.is_file():
+            problems.append(f"{key}: file not found: {path} (one class name per line)")
+    if model.arch == "clip" and model.pretrained is not None:
+        path = model.pretrained
+        if not path.exists():
+            problems.append(
+                f"model.pretrained: no open_clip weights at {path}; put the {model.name} "
+                "weights file there (e.g. OpenAI's ViT-B-32.pt or an open_clip "
+                "open_clip_pytorch_model.bin), or point it at a folder holding one; nothing "
+                "is downloaded"
+            )
+    return problems
+
+
+DATA_LAYOUT_HINT = (
+    "either image folders train/<class>/*.png and test/<class>/*.png, or the files of the "
+    "torchvision dataset class, which is read with download=False"
+)
 
 
 # --------------------------------------------------------------------------- overrides
@@ -803,6 +1032,8 @@ def describe(recipe: Recipe) -> str:
     """A few lines saying what a recipe will do (for ``recipes validate``)."""
     if recipe.scenario == "class":
         forget = f"classes {', '.join(map(str, recipe.data.forget_classes))}"
+    elif recipe.scenario == "task":
+        forget = f"task {recipe.data.dataset} (control {recipe.data.control or 'imagenet'})"
     else:
         forget = f"a random {recipe.data.forget_fraction:.0%} of the training data"
     pre = (
@@ -810,6 +1041,8 @@ def describe(recipe: Recipe) -> str:
         if recipe.model.pretrained
         else f"pre-trained for {recipe.pretrain.epochs} epochs"
     )
+    if recipe.model.arch == "clip":
+        pre = f"{recipe.model.name} ({recipe.model.finetune} fine-tuning) {pre}"
     lams = recipe.tune.lambdas
     return "\n".join(
         [
