@@ -408,14 +408,13 @@ def sweep_data(recipe: Recipe) -> UnlearningData:
     return load_digits_data(recipe.data)
 
 
-def job_is_finished(job: SweepJob, start: StartingPoint | None = None) -> bool:
+def job_is_finished(job: SweepJob, base_sha256: str | None = None) -> bool:
     """True when ``job`` finished earlier with the recipe's settings (skip it); an error
-    when its folder holds a run made differently. A fine-tune needs ``start``."""
-    base_sha = None
-    if job.kind == "finetune":
-        assert start is not None
-        base_sha = start.sha256
-    return _check_reusable(job.folder, job.params, job.seed, base_sha)
+    when its folder holds a run made differently. A fine-tune needs the SHA-256 of the
+    model it starts from."""
+    if job.kind == "finetune" and base_sha256 is None:
+        raise ValueError("a fine-tune is checked against the model it starts from")
+    return _check_reusable(job.folder, job.params, job.seed, base_sha256)
 
 
 def run_job(
@@ -433,7 +432,8 @@ def run_job(
     """
     if job.kind == "finetune" and start is None:
         start = load_starting_point(recipe, job.seed)
-    if job_is_finished(job, start):
+    base_sha256 = start.sha256 if job.kind == "finetune" and start is not None else None
+    if job_is_finished(job, base_sha256):
         progress.finish("finished earlier, skipped")
         return None
     if job.kind == "finetune":
@@ -447,7 +447,7 @@ def run_job(
     return _train_and_write(
         job.folder, job.kind, job.run_id, model, split.x, split.y, job.params, job.seed,
         job.train_seed, progress, varied=dict(job.varied),
-        base_sha256=start.sha256 if job.kind == "finetune" and start else None,
+        base_sha256=base_sha256,
         on_epoch=on_epoch,
     )  # fmt: skip
 
