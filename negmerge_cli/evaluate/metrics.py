@@ -36,7 +36,16 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) ->
     model.eval()
     if len(x) == 0:
         return torch.empty(0, 10)
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = next(model.parameters()).device
+    if device == x.device:
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    # CPU data, GPU model: move batch by batch and bring the logits back as float32.
+    return torch.cat(
+        [
+            model(x[i : i + batch_size].to(device, non_blocking=True)).float().cpu()
+            for i in range(0, len(x), batch_size)
+        ]
+    )
 
 
 def mia_features(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

@@ -58,6 +58,15 @@ def _split(x: np.ndarray, y: np.ndarray, index: np.ndarray) -> Split:
     return Split(images.contiguous(), torch.from_numpy(y[index].astype(np.int64)))
 
 
+def load_data(config: DataConfig) -> UnlearningData:
+    """The recipe's data as in-memory tensors: digits, or an image dataset from disk."""
+    if config.dataset == "digits":
+        return load_digits_data(config)
+    from negmerge_cli.train.vision import load_unlearning_data
+
+    return load_unlearning_data(config)
+
+
 def load_digits_data(config: DataConfig) -> UnlearningData:
     """Load digits and split it as ``config`` says (deterministic in ``split_seed``)."""
     from sklearn.datasets import load_digits

@@ -1,7 +1,9 @@
-"""The small CNN the digits recipes train: about 40k parameters, fast on two CPU cores.
+"""The networks the recipes train: the digits CNN and ResNet-18 for 32x32 images.
 
-No BatchNorm on purpose: every tensor is a plain weight or bias, so the task vectors of
-all merge methods cover the whole model and nothing needs re-estimating after a merge.
+The small CNN has no BatchNorm on purpose: every tensor is a plain weight or bias, so the
+task vectors of all merge methods cover the whole model. ResNet-18 (CIFAR variant) has
+BatchNorm; its running statistics are buffers, which the merge engine copies from the
+base model instead of negating (only weights and biases are merged).
 """
 
 from __future__ import annotations
@@ -33,10 +35,24 @@ class SmallCNN(nn.Module):
         return self.fc2(x)
 
 
-def build_model(config: ModelConfig, seed: int | None = None) -> nn.Module:
+def resnet18_cifar(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first conv, no max-pool."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(
+    config: ModelConfig, seed: int | None = None, num_classes: int = NUM_CLASSES
+) -> nn.Module:
     """A freshly initialised model; ``seed`` makes the initial weights reproducible."""
     if seed is not None:
         torch.manual_seed(seed)
+    if config.arch == "resnet18":
+        return resnet18_cifar(num_classes)
     if config.arch != "small_cnn":  # the recipe schema already refuses other names
         raise ValueError(f"unknown architecture {config.arch!r}")
     return SmallCNN(tuple(config.channels), config.hidden)  # type: ignore[arg-type]
