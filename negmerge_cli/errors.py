@@ -42,5 +42,9 @@ class OutputError(NegmergeError):
     """The output cannot be written (exists, folder missing, disk full, ...)."""
 
 
+class RunsFailed(NegmergeError):
+    """Runs of a sweep failed for good; the others finished (run the sweep again to retry)."""
+
+
 class Interrupted(NegmergeError):
     """SIGINT or SIGTERM arrived; partial outputs have been removed."""

@@ -34,6 +34,23 @@ OutputOpt = Annotated[
         help="Output folder (overrides the recipe's output).",
     ),
 ]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="'local' (one run after another in this process) or 'ray': one Ray task per "
+        "run, with the recipe's resources (the output folder must be shared by every node).",
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        metavar="auto|HOST:PORT",
+        help="ray: the cluster to join ('auto': the one this machine belongs to); "
+        "default: start a local Ray.",
+    ),
+]
 
 
 def _require_train_extra() -> None:
@@ -75,12 +92,27 @@ def _stoppable(what: str) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _sweep(recipe: Any, quiet: bool) -> None:
-    from negmerge_cli.train.sweep import run_sweep
+def _check_backend(backend: str, address: str | None) -> None:
+    if backend not in ("local", "ray"):
+        raise typer.BadParameter("choose local or ray", param_hint="'--backend'")
+    if address is not None and backend != "ray":
+        raise typer.BadParameter("only with --backend ray", param_hint="'--address'")
 
+
+def _sweep(recipe: Any, quiet: bool, backend: str = "local", address: str | None = None) -> None:
     stopped = (
         f"sweep interrupted; finished runs in {recipe.output} are kept, run it again to resume"
     )
+    if backend == "ray":
+        from negmerge_cli.train.ray_sweep import failure_error, run_sweep_on_ray
+
+        with _stoppable(stopped):
+            summary = run_sweep_on_ray(recipe, address=address, quiet=quiet)
+        if summary.failed:
+            raise failure_error(summary, recipe.output)
+        return
+    from negmerge_cli.train.sweep import run_sweep
+
     with _stoppable(stopped):
         run_sweep(recipe, quiet=quiet)
 
@@ -103,6 +135,8 @@ def sweep(
     recipe: RecipeArg,
     overrides: SetOpt = None,
     output: OutputOpt = None,
+    backend: BackendOpt = "local",
+    address: AddressOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune the pre-trained model on the forget set once per run of the recipe.
@@ -110,7 +144,8 @@ def sweep(
     Each run is written to OUT/seed-S/runs/RUN-ID/{model.safetensors, run.json}. Finished
     runs are skipped, so an interrupted sweep resumes where it stopped.
     """
-    _sweep(_load(recipe, overrides, output), quiet)
+    _check_backend(backend, address)
+    _sweep(_load(recipe, overrides, output), quiet, backend, address)
 
 
 @app.command(no_args_is_help=True)
@@ -133,11 +168,15 @@ def run(
     recipe: RecipeArg,
     overrides: SetOpt = None,
     output: OutputOpt = None,
+    backend: BackendOpt = "local",
+    address: AddressOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Sweep, then tune, then report: the whole recipe."""
+    """Sweep, then tune, then report: the whole recipe (with --backend ray, the sweep runs
+    on Ray and the tuning here)."""
+    _check_backend(backend, address)
     loaded = _load(recipe, overrides, output)
-    _sweep(loaded, quiet)
+    _sweep(loaded, quiet, backend, address)
     _tune(loaded, quiet)
 
 
