@@ -42,7 +42,7 @@ from negmerge_cli.io import (
 )
 from negmerge_cli.io.dtypes import compute_dtype
 from negmerge_cli.io.writer import INDEX_NAME, SafetensorsWriter, discard_pending
-from negmerge_cli.methods import MergeMethod, consensus_mask, get_method, kth_magnitude
+from negmerge_cli.methods import MergeMethod, get_method, kth_magnitude
 from negmerge_cli.methods.select import MagnitudeSelector, trim_rank
 from negmerge_cli.methods.ties import majority_contribution
 
@@ -50,8 +50,12 @@ PathLike = str | os.PathLike[str]
 
 # BatchNorm statistics are not weights: negating a running variance can make it negative.
 DEFAULT_EXCLUDE = (r"(^|\.)running_mean$", r"(^|\.)running_var$", r"(^|\.)num_batches_tracked$")
-MEMORY_BUDGET = 64 * 2**20
-"""Bytes of float32 working memory per chunk (all task vectors of one element range)."""
+MEMORY_BUDGET = 4 * 2**20
+"""Bytes of working memory per chunk on the CPU: all task vectors of one element range fit
+in cache, so the passes over them after the read cost little (measured fastest between
+2 and 4 MiB by benchmarks/bench_merge.py)."""
+GPU_MEMORY_BUDGET = 256 * 2**20
+"""On a GPU, large chunks amortise transfers and kernel launches."""
 
 DENSITY_SCOPES = ("global", "tensor")
 
@@ -222,6 +226,25 @@ def check_output(
         raise OutputError(f"{parent}: output folder is not writable")
 
 
+@contextlib.contextmanager
+def compute_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads for the merge, restored afterwards.
+
+    One by default on the CPU: the work is a stream of memory-bound passes over cache-sized
+    chunks, where thread hand-offs cost more than they gain, and where a busy neighbour
+    process makes OpenMP's spinning threads many times slower.
+    """
+    if threads is not None and threads < 1:
+        raise UsageError("threads must be at least 1")
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ---------------------------------------------------------------------------- signals
 
 
@@ -324,10 +347,14 @@ def chunk_ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
 class TaskVectorReader:
     """Reads one element range of a tensor from every input and forms the task vectors."""
 
-    def __init__(self, inputs: Inputs, device: torch.device, memory_budget: int) -> None:
+    def __init__(
+        self, inputs: Inputs, device: torch.device, memory_budget: int | None = None
+    ) -> None:
         self.inputs = inputs
         self.device = device
         count = len(inputs.finetuned)
+        if memory_budget is None:
+            memory_budget = MEMORY_BUDGET if device.type == "cpu" else GPU_MEMORY_BUDGET
         # base, N task vectors, merged, output and a little slack, in float32
         self.chunk = max(1, memory_budget // ((count + 4) * 4))
         self.bytes_read = 0
@@ -341,30 +368,65 @@ class TaskVectorReader:
         self.bytes_read += (stop - start) * SAFETENSORS_DTYPES[info.dtype].itemsize
         return values
 
-    def read(self, info: TensorInfo, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(base, taus)`` in the compute dtype on the device; taus has shape ``[N, n]``."""
+    def read(self, info: TensorInfo, start: int, stop: int) -> Chunk:
+        """One element range of every input as task vectors in the compute dtype.
+
+        On the CPU each task vector is formed, and folded into the running minimum and
+        maximum, right after its read, while it is still in cache; the minimum and maximum
+        give the sign-consensus mask and, since NaN and Inf propagate through them, the
+        finiteness check, without another pass over the N task vectors.
+        """
         base = self.base(info, start, stop)
-        taus = torch.empty((len(self.inputs.finetuned), stop - start), dtype=base.dtype)
+        count, size = len(self.inputs.finetuned), stop - start
+        taus = torch.empty((count, size), dtype=base.dtype)
+        low = high = None
         for i, reader in enumerate(self.inputs.finetuned):
-            reader.read_into(info.name, start, taus[i])
-        self.bytes_read += taus.shape[0] * (stop - start) * SAFETENSORS_DTYPES[info.dtype].itemsize
-        self._check_finite(info, base, taus)
+            row = reader.read_into(info.name, start, taus[i])
+            if self.device.type == "cpu":
+                row -= base
+                if low is None or high is None:
+                    low, high = row.clone(), row.clone()
+                else:
+                    torch.minimum(low, row, out=low)
+                    torch.maximum(high, row, out=high)
+        self.bytes_read += count * size * SAFETENSORS_DTYPES[info.dtype].itemsize
         if self.device.type != "cpu":
             base = base.to(self.device, non_blocking=True)
             taus = taus.to(self.device, non_blocking=True)
-        taus -= base
-        return base, taus
+            taus -= base
+            low, high = torch.aminmax(taus, dim=0)
+        assert low is not None and high is not None
+        if not _finite(base) or not (_finite(low) and _finite(high)):
+            self._name_culprit(info, base, taus)
+        return Chunk(base, taus, (low > 0) | (high < 0))
 
-    def _check_finite(self, info: TensorInfo, base: torch.Tensor, values: torch.Tensor) -> None:
-        # One cheap sum first: NaN and Inf propagate; only then look for the culprit.
-        if math.isfinite(float(values.sum())) and math.isfinite(float(base.sum())):
-            return
-        for reader, row in [
-            (self.inputs.base, base),
-            *zip(self.inputs.finetuned, values, strict=True),
-        ]:
+    def _name_culprit(self, info: TensorInfo, base: torch.Tensor, taus: torch.Tensor) -> None:
+        rows = [(self.inputs.base, base), *zip(self.inputs.finetuned, taus, strict=True)]
+        for reader, row in rows:
             if not bool(torch.isfinite(row).all()):
                 raise NonFiniteError(f"{reader.path}: tensor {info.name!r} contains NaN or Inf")
+        raise NonFiniteError(
+            f"{self.inputs.base.path}: tensor {info.name!r}: a task vector overflows float32"
+        )
+
+
+def _finite(values: torch.Tensor) -> bool:
+    """All finite? One reduction; a sum that overflows on finite values is checked again."""
+    if math.isfinite(float(values.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(values).all())
+
+
+@dataclass
+class Chunk:
+    """One element range of a tensor, read from every input."""
+
+    base: torch.Tensor
+    """``[n]`` the base's values in the compute dtype."""
+    taus: torch.Tensor
+    """``[N, n]`` the task vectors ``ft_i - base``."""
+    consensus: torch.Tensor
+    """``[n]`` True where every task vector has the same strict sign."""
 
 
 def apply_vector(base: torch.Tensor, vector: torch.Tensor, lam: float) -> torch.Tensor:
@@ -422,7 +484,7 @@ def feed_selector(
     feed = selector.coarse if stage == "coarse" else selector.fine
     for info in infos:
         for start, stop in reader.ranges(info):
-            feed(reader.read(info, start, stop)[1])
+            feed(reader.read(info, start, stop).taus)
     return selector
 
 
@@ -431,7 +493,7 @@ def count_votes(
 ) -> int:
     """Sum of TIES elected signs over ``infos``; its sign is the majority sign."""
     return sum(
-        majority_contribution(reader.read(info, start, stop)[1], thresholds)
+        majority_contribution(reader.read(info, start, stop).taus, thresholds)
         for info in infos
         for start, stop in reader.ranges(info)
     )
@@ -460,12 +522,12 @@ def trim_statistics(
 def _tensor_trim(
     reader: TaskVectorReader,
     info: TensorInfo,
-    cached: tuple[torch.Tensor, torch.Tensor] | None,
+    cached: Chunk | None,
     density: float,
 ) -> TrimStatistics:
     """TIES statistics of one tensor (``--density-scope tensor``)."""
     if cached is not None:  # one chunk, already in memory: kthvalue directly
-        taus = cached[1]
+        taus = cached.taus
         thresholds = torch.tensor([kth_magnitude(t, density) for t in taus])
         return TrimStatistics(thresholds, _sign(majority_contribution(taus, thresholds)))
     return trim_statistics(reader, [info], density)
@@ -481,11 +543,10 @@ class TensorStats:
     consensus: int = 0
     norm_sq: float = 0.0
 
-    def add(self, merged: torch.Tensor, taus: torch.Tensor | None) -> None:
+    def add(self, merged: torch.Tensor, consensus: torch.Tensor) -> None:
         self.numel += merged.numel()
         self.kept += int(torch.count_nonzero(merged))
-        if taus is not None:
-            self.consensus += int(consensus_mask(taus).sum())
+        self.consensus += int(consensus.sum())
         self.norm_sq += float(torch.linalg.vector_norm(merged, dtype=torch.float64)) ** 2
 
     def as_dict(self, info: TensorInfo) -> dict[str, Any]:
@@ -555,7 +616,8 @@ def merge(
     force: bool = False,
     quiet: bool = True,
     progress: Progress | None = None,
-    memory_budget: int = MEMORY_BUDGET,
+    memory_budget: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Merge the task vectors of ``finetuned`` against ``base`` and write ``base - lam * merged``.
 
@@ -576,7 +638,7 @@ def merge(
         raise UsageError("nothing to write: give an output path or a vector path")
     target = resolve_device(device)
 
-    with signals_as_errors():
+    with signals_as_errors(), compute_threads(target, threads):
         inputs = open_inputs(base, finetuned)
         try:
             infos = list(inputs.base.tensors.values())
@@ -642,7 +704,7 @@ def merge_tensors(
             continue
         params: dict[str, Any] = {}
         ranges = reader.ranges(info)
-        cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        cached: Chunk | None = None
         if method.trims:
             trim = global_trim
             if trim is None:
@@ -653,11 +715,13 @@ def merge_tensors(
         stats = TensorStats()
         storage = SAFETENSORS_DTYPES[info.dtype]
         for start, stop in ranges:
-            base_values, taus = cached if cached is not None else reader.read(info, start, stop)
-            merged = method.fn(taus, **params)
-            stats.add(merged, taus)
+            chunk = cached if cached is not None else reader.read(info, start, stop)
+            if method.uses_consensus:
+                params["consensus"] = chunk.consensus
+            merged = method.fn(chunk.taus, **params)
+            stats.add(merged, chunk.consensus)
             if out_writer is not None:
-                result = apply_vector(base_values, merged, lam).to(storage)
+                result = apply_vector(chunk.base, merged, lam).to(storage)
                 _check_result(out_writer.destination, info.name, result)
                 out_writer.write(info.name, result.cpu())
             if vec_writer is not None:
@@ -725,7 +789,7 @@ def _run_merge(
     shard_size: int | None,
     device: torch.device,
     progress: Progress,
-    memory_budget: int,
+    memory_budget: int | None,
     options: dict[str, Any],
 ) -> dict[str, Any]:
     reader = TaskVectorReader(inputs, device, memory_budget)
@@ -809,7 +873,8 @@ def apply(
     force: bool = False,
     quiet: bool = True,
     progress: Progress | None = None,
-    memory_budget: int = MEMORY_BUDGET,
+    memory_budget: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Write ``base - lam * vector`` for the tensors in ``vector``; copy the rest of ``base``.
 
@@ -825,7 +890,7 @@ def apply(
     if shard_size is not None and shard_size <= 0:
         raise UsageError("shard size must be positive")
     progress = progress or (_NoProgress() if quiet else default_progress())
-    with signals_as_errors():
+    with signals_as_errors(), compute_threads(target, threads):
         base_reader = open_checkpoint(base)
         try:
             vector_reader = open_checkpoint(vector)
@@ -839,7 +904,7 @@ def apply(
             destination = Path(output)
             check_output(destination, inputs.files, sharded=shard_size is not None, force=force)
             infos = list(base_reader.tensors.values())
-            chunk = max(1, memory_budget // (4 * 4))
+            chunk = max(1, (memory_budget or MEMORY_BUDGET) // (4 * 4))
             writer = None
             try:
                 writer = OutputWriter(

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from negmerge_cli.engine import (
-    MEMORY_BUDGET,
     PathLike,
     TaskVectorReader,
     open_inputs,
@@ -18,7 +17,6 @@ from negmerge_cli.engine import (
 )
 from negmerge_cli.errors import UsageError
 from negmerge_cli.io import CheckpointReader, TensorInfo, open_checkpoint
-from negmerge_cli.methods import consensus_mask
 
 
 def _tensor_row(info: TensorInfo) -> dict[str, Any]:
@@ -60,7 +58,7 @@ def inspect(
     base: PathLike | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
-    memory_budget: int = MEMORY_BUDGET,
+    memory_budget: int | None = None,
 ) -> dict[str, Any]:
     """Describe checkpoints: tensors, dtypes, parameter and byte counts, and what differs.
 
@@ -105,7 +103,7 @@ def _consensus(
     finetuned: Sequence[PathLike],
     include: Sequence[str],
     exclude: Sequence[str],
-    memory_budget: int,
+    memory_budget: int | None,
 ) -> dict[str, Any]:
     inputs = open_inputs(base, finetuned)
     try:
@@ -117,8 +115,7 @@ def _consensus(
             if info.name not in names:
                 continue
             agree = sum(
-                int(consensus_mask(reader.read(info, s, e)[1]).sum())
-                for s, e in reader.ranges(info)
+                int(reader.read(info, s, e).consensus.sum()) for s, e in reader.ranges(info)
             )
             per_tensor[info.name] = {
                 "numel": info.numel,

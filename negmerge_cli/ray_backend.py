@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from negmerge_cli.engine import (
-    MEMORY_BUDGET,
     PathLike,
     Progress,
     TaskVectorReader,
@@ -127,12 +126,15 @@ class ShardJob:
     density: float
     merged: frozenset[str]
     device: str
-    memory_budget: int
+    memory_budget: int | None
+    threads: int | None
 
 
 def _open(job: ShardJob) -> tuple[Any, TaskVectorReader]:
     inputs = open_inputs(job.base, job.finetuned)
     device = resolve_device(job.device)
+    if device.type == "cpu":
+        torch.set_num_threads(job.threads or 1)  # a worker process of its own
     return inputs, TaskVectorReader(inputs, device, job.memory_budget)
 
 
@@ -266,7 +268,8 @@ def merge_on_ray(
     force: bool = False,
     quiet: bool = True,
     progress: Progress | None = None,
-    memory_budget: int = MEMORY_BUDGET,
+    memory_budget: int | None = None,
+    threads: int | None = None,
     cpus_per_task: float = 1.0,
 ) -> dict[str, Any]:
     """``merge(..., shard_size=...)`` with one Ray task per shard; the same bytes out.
@@ -306,6 +309,7 @@ def merge_on_ray(
             merged,
             device,
             memory_budget,
+            threads,
         )
         groups = plan_shards(infos, shard_size)
         names = [shard_name(n, len(groups)) for n in range(1, len(groups) + 1)]

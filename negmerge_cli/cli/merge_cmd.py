@@ -20,6 +20,7 @@ from negmerge_cli.cli.options import (
     QuietOpt,
     ReportOpt,
     ShardSizeOpt,
+    ThreadsOpt,
     expand_paths,
 )
 
@@ -111,6 +112,7 @@ def merge(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     shard_size: ShardSizeOpt = None,
     backend: Annotated[
         str,
@@ -158,6 +160,7 @@ def merge(
         "exclude": exclude or (),
         "merge_batchnorm_stats": merge_bn_stats,
         "device": device,
+        "threads": threads,
         "force": force,
         "quiet": quiet,
     }
@@ -198,6 +201,7 @@ def apply(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the result.")],
     lam: LambdaOpt = 1.0,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     shard_size: ShardSizeOpt = None,
     report: ReportOpt = None,
     force: ForceOpt = False,
@@ -215,6 +219,7 @@ def apply(
         output,
         lam=lam,
         device=device,
+        threads=threads,
         shard_size=shard_size,
         force=force,
         quiet=quiet,

@@ -103,6 +103,15 @@ DeviceOpt = Annotated[
         help="Where to compute: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N.",
     ),
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for the arithmetic (default 1: the merge is memory-bound and "
+        "streams cache-sized chunks).",
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar and no summary on stderr.")

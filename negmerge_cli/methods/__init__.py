@@ -30,6 +30,8 @@ class MergeMethod:
     paper: str
     trims: bool = False
     """True when the method needs per-task-vector magnitude thresholds (TIES)."""
+    uses_consensus: bool = False
+    """True when the method accepts a precomputed ``consensus=`` mask."""
 
 
 METHODS: dict[str, MergeMethod] = {
@@ -40,6 +42,7 @@ METHODS: dict[str, MergeMethod] = {
             negmerge,
             "mean where all task vectors agree in sign, 0 elsewhere",
             "https://arxiv.org/abs/2410.05583",
+            uses_consensus=True,
         ),
         MergeMethod(
             "mean",
