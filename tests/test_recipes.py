@@ -11,6 +11,7 @@ import yaml
 from negmerge_cli.errors import ConfigError
 from negmerge_cli.recipes import (
     TUNE_METHODS,
+    ResourcesConfig,
     TrainConfig,
     apply_overrides,
     bundled_recipes,
@@ -307,3 +308,15 @@ def test_an_existing_pretrained_path_is_accepted(tmp_path: Path):
     weights.write_bytes(b"x")
     recipe = parse_recipe(MINIMAL, overrides=[f"model.pretrained={weights}"])
     assert recipe.model.pretrained == weights
+
+
+def test_resources_for_ray_default_to_one_cpu_and_are_checked_strictly():
+    assert parse_recipe(MINIMAL).resources == ResourcesConfig(cpus=1.0, gpus=0.0, retries=3)
+    given = parse_recipe(MINIMAL + "resources: {cpus: 8, gpus: 0.5, retries: 0}\n").resources
+    assert given == ResourcesConfig(cpus=8.0, gpus=0.5, retries=0)
+    found = problems(MINIMAL + "resources: {gpu: 1, cpus: 1.5, retries: -1}\n")
+    assert "resources.gpu (line 10): unknown key (did you mean 'gpus'?)" in found[0]
+    assert found[1] == (
+        "resources.cpus (line 10): 1.5: Ray takes a fraction below 1 or a whole number"
+    )
+    assert found[2] == "resources.retries (line 10): -1 is out of range [0, 100]"

@@ -1,0 +1,188 @@
+"""The sweep on a local Ray instance: the local backend's checkpoints, resumable, retried."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from negmerge_cli.cli import main
+from negmerge_cli.recipes import load_recipe
+from negmerge_cli.train.sweep import MODEL_FILE, RUN_FILE, is_finished, run_sweep, seed_jobs
+
+ray = pytest.importorskip("ray")
+from negmerge_cli.train.ray_sweep import absolute_paths, run_sweep_on_ray  # noqa: E402
+
+# Two seeds, each: pre-train, the retrained reference, two fine-tunes.
+TINY = [
+    "seeds=[0, 1]",
+    "pretrain.epochs=2",
+    "reference.retrain=true",
+    "sweep.grid={lr: [0.01], epochs: [1, 2]}",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield context
+    ray.shutdown()
+
+
+def tiny(output: Path, *extra: str):
+    return load_recipe("digits", [*TINY, f"output={output}", *extra])
+
+
+def models(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob(MODEL_FILE))}
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory) -> Path:
+    """The tiny sweep on the local backend, the reference for Ray's."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    run_sweep(tiny(out), quiet=True)
+    return out
+
+
+def test_a_sweep_on_ray_writes_the_local_backends_checkpoints_and_resumes(
+    cluster, local_runs, tmp_path
+):
+    recipe = tiny(tmp_path / "out")
+    stream = io.StringIO()
+    summary = run_sweep_on_ray(recipe, stream=stream)
+    assert (summary.trained, summary.skipped, summary.failed) == (8, 0, ())
+    ours, theirs = models(tmp_path / "out"), models(local_runs)
+    assert len(ours) == 8 and ours == theirs  # seeded training: the same bytes
+    for job in seed_jobs(recipe, 1):
+        info = json.loads((job.folder / RUN_FILE).read_text())
+        local = json.loads(
+            (local_runs / job.folder.relative_to(recipe.output) / RUN_FILE).read_text()
+        )
+        assert info["kind"] == job.kind and info["hyperparameters"] == local["hyperparameters"]
+        assert info["base_sha256"] == local["base_sha256"]
+    assert not list((tmp_path / "out").rglob(".tmp-*"))
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("sweep on Ray: 8 run(s) over 2 seed(s), up to 2 at once")
+    assert lines[-2].startswith("[8/8 done, 0 running, 0 failed] ")
+    assert lines[-1].startswith("sweep: 8 run(s) trained, 0 skipped (finished earlier), 0 failed")
+
+    files = sorted((tmp_path / "out").rglob(MODEL_FILE))
+    before = {p: p.stat().st_mtime_ns for p in files}
+    again = run_sweep_on_ray(recipe, quiet=True)
+    assert (again.trained, again.skipped, again.failed) == (0, 8, ())
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+
+
+def _worker_running(title: bytes) -> int | None:
+    """The pid of the Ray worker whose process title starts with ``title``."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    if handle.read().startswith(title):
+                        return int(pid)
+            except OSError:
+                continue
+    return None
+
+
+def test_a_worker_killed_in_the_middle_of_a_run_is_retried_and_the_sweep_completes(
+    cluster, tmp_path
+):
+    # Pre-training long enough (~2 s) to be caught in the middle.
+    options = ["seeds=[0]", "pretrain.epochs=16", "reference.retrain=false"]
+    recipe = tiny(tmp_path / "ray", *options)
+    # A worker that died on another node while writing a fine-tune left its temp folder.
+    first_run = seed_jobs(recipe, 0)[1].folder
+    leftover = first_run.parent / f".tmp-{first_run.name}-99999999"
+    leftover.mkdir(parents=True)
+    (leftover / MODEL_FILE).write_bytes(b"half a model")
+    stream = io.StringIO()
+    result: dict = {}
+
+    def sweep() -> None:
+        result["summary"] = run_sweep_on_ray(recipe, stream=stream)
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 60
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        killed = _worker_running(b"ray::negmerge-sweep seed 0 pre-train")
+        time.sleep(0.02)
+    assert killed is not None, "no worker was caught pre-training"
+    time.sleep(0.5)  # well into training
+    assert not is_finished(seed_jobs(recipe, 0)[0].folder)
+    os.kill(killed, signal.SIGKILL)
+    thread.join(timeout=120)
+    summary = result["summary"]
+    assert (summary.trained, summary.failed) == (3, ())
+    assert all(is_finished(job.folder) for job in seed_jobs(recipe, 0))
+    assert not list((tmp_path / "ray").rglob(".tmp-*"))
+    assert f"removed the leftover of an interrupted run: {leftover}" in stream.getvalue()
+    local = tiny(tmp_path / "local", *options)
+    run_sweep(local, quiet=True)
+    assert models(tmp_path / "ray") == models(tmp_path / "local")
+
+
+def test_a_run_that_fails_for_good_is_listed_while_the_others_finish(cluster, tmp_path, capsys):
+    out = tmp_path / "out"
+    recipe = tiny(out)
+    broken = seed_jobs(recipe, 0)[2].folder  # seed 0's first fine-tune
+    broken.parent.mkdir(parents=True)
+    broken.write_text("a file where the run's folder goes")
+    argv = ["sweep", "digits", *(f"--set={s}" for s in TINY), "-o", str(out), "--backend", "ray"]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1
+    assert f"  failed: seed 0 run {broken.name}: NotADirectoryError" in err
+    assert "negmerge: error: 1 of 8 run(s) failed (seed 0 run 00-lr0.01-ep1: " in err
+    assert "run the sweep again to retry the others" in err
+    assert "sweep: 7 run(s) trained, 0 skipped (finished earlier), 1 failed" in err
+    others = [j for s in (0, 1) for j in seed_jobs(recipe, s) if j.folder != broken]
+    assert len(others) == 7 and all(is_finished(j.folder) for j in others)
+
+
+def test_an_output_folder_the_workers_cannot_see_is_refused(cluster, tmp_path):
+    """The driver runs in its own mount namespace with a private tmpfs: Ray's workers,
+    started outside it, see an empty folder where the driver writes the output."""
+    private = tmp_path / "private"
+    private.mkdir()
+    address = cluster.address_info["address"]
+    argv = ["sweep", "digits", *(f"--set={s}" for s in TINY), "-o", str(private / "out"),
+            "--backend", "ray", "--address", address]  # fmt: skip
+    command = (
+        f'mount -t tmpfs tmpfs {private} || exit 97; exec {sys.executable} -m negmerge_cli "$@"'
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", command, "sh", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode == 97 or "unshare failed" in done.stderr:
+        pytest.skip("cannot make a private mount namespace here")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Ray workers cannot see this folder" in done.stderr
+    assert "run(s) trained" not in done.stderr
+    assert list(private.iterdir()) == []
+
+
+def test_relative_paths_of_a_recipe_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    recipe = absolute_paths(tiny(Path("out"), "model.pretrained=w.safetensors"))
+    assert recipe.output == tmp_path / "out"
+    assert recipe.model.pretrained == weights
+    assert recipe.sweep == tiny(Path("out")).sweep
