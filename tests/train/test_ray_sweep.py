@@ -134,23 +134,46 @@ def test_a_worker_killed_in_the_middle_of_a_run_is_retried_and_the_sweep_complet
     assert models(tmp_path / "ray") == models(tmp_path / "local")
 
 
-def test_a_run_that_fails_for_good_is_listed_while_the_others_finish(cluster, tmp_path, capsys):
+def test_runs_that_fail_for_good_are_listed_while_the_others_finish(cluster, tmp_path, capsys):
     out = tmp_path / "out"
     recipe = tiny(out)
+    # A file where a run's folder goes: the run trains, then cannot be put in place.
     broken = seed_jobs(recipe, 0)[2].folder  # seed 0's first fine-tune
-    broken.parent.mkdir(parents=True)
-    broken.write_text("a file where the run's folder goes")
+    broken_base = seed_jobs(recipe, 1)[0].folder  # seed 1's pre-training
+    for path in (broken, broken_base):
+        path.parent.mkdir(parents=True)
+        path.write_text("a file where the run's folder goes")
     argv = ["sweep", "digits", *(f"--set={s}" for s in TINY), "-o", str(out), "--backend", "ray"]
     with pytest.raises(SystemExit) as stop:
         main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 1
     assert f"  failed: seed 0 run {broken.name}: NotADirectoryError" in err
-    assert "negmerge: error: 1 of 8 run(s) failed (seed 0 run 00-lr0.01-ep1: " in err
+    assert "  failed: seed 1 pre-train: NotADirectoryError" in err
+    for run in ("00-lr0.01-ep1", "01-lr0.01-ep2"):  # seed 1's fine-tunes need its model
+        assert f"  failed: seed 1 run {run}: its pre-training failed (seed 1 pre-train)" in err
+    assert "sweep: 4 run(s) trained, 0 skipped (finished earlier), 4 failed" in err
+    assert "negmerge: error: 4 of 8 run(s) failed (" in err
+    assert "; and 1 more); the finished runs in" in err
     assert "run the sweep again to retry the others" in err
-    assert "sweep: 7 run(s) trained, 0 skipped (finished earlier), 1 failed" in err
-    others = [j for s in (0, 1) for j in seed_jobs(recipe, s) if j.folder != broken]
-    assert len(others) == 7 and all(is_finished(j.folder) for j in others)
+    finished = [seed_jobs(recipe, 0)[i] for i in (0, 1, 3)] + [seed_jobs(recipe, 1)[1]]
+    assert all(is_finished(job.folder) for job in finished)
+
+
+def test_the_backend_and_address_flags_are_checked(cli_error):
+    assert "choose local or ray" in cli_error("sweep", "digits", "--backend", "slurm")
+    assert "only with --backend ray" in cli_error("run", "digits", "--address", "auto")
+
+
+@pytest.fixture
+def cli_error(capsys):
+    def invoke(*argv: str) -> str:
+        with pytest.raises(SystemExit) as stop:
+            main(list(argv))
+        assert stop.value.code == 2
+        return capsys.readouterr().err
+
+    return invoke
 
 
 def test_an_output_folder_the_workers_cannot_see_is_refused(cluster, tmp_path):
