@@ -21,6 +21,7 @@ METRIC_LABELS = {
     "retain": "retain acc",
     "test": "test acc",
     "test_forget": "test acc (forgotten classes)",
+    "control": "control acc",
     "mia": "MIA efficacy",
     "gap": "avg gap",
 }
@@ -41,6 +42,8 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
 
 def metric_keys(recipe: Recipe) -> list[str]:
     """The metric columns a recipe's table shows."""
+    if recipe.scenario == "task":
+        return ["forget", "control"]
     keys = ["forget", "retain", "test"]
     if recipe.scenario == "class":
         keys.append("test_forget")
@@ -88,6 +91,9 @@ def aggregate(recipe: Recipe, per_seed: Sequence[dict[str, Any]]) -> list[dict[s
                 "lambda": spread([e["lambda"] for e in chosen]),
                 "models_merged": spread([e["models_merged"] for e in entries]),
                 "seconds": spread([e["seconds"] for e in entries]),
+                "merge_seconds": spread(
+                    [e["merge_seconds"] for e in entries if e.get("merge_seconds") is not None]
+                ),
                 "seeds_chosen": len(chosen),
                 "notes": notes,
             }
@@ -116,6 +122,9 @@ def format_table(recipe: Recipe, rows: Sequence[dict[str, Any]]) -> str:
     """The results as a Markdown table (accuracies in percent)."""
     keys = metric_keys(recipe)
     header = ["method", *(METRIC_LABELS[k] for k in keys), "lambda", "models merged", "time (s)"]
+    merge_column = recipe.scenario == "task"
+    if merge_column:
+        header.append("merge (s)")
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -126,6 +135,9 @@ def format_table(recipe: Recipe, rows: Sequence[dict[str, Any]]) -> str:
         cells.append(_fmt(row["lambda"], 1.0, 2) if row["lambda"] else "-")
         cells.append(_fmt_count(row["models_merged"]))
         cells.append(_fmt(row["seconds"], 1.0, 2) if row["seconds"] else "-")
+        if merge_column:
+            merge_time = row.get("merge_seconds")
+            cells.append(_fmt(merge_time, 1.0, 2) if merge_time else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -159,6 +171,11 @@ def format_markdown(recipe: Recipe, rows: Sequence[dict[str, Any]], seconds: flo
     seeds = ", ".join(map(str, recipe.seeds))
     if recipe.scenario == "class":
         what = f"forget classes {', '.join(map(str, recipe.data.forget_classes))}"
+    elif recipe.scenario == "task":
+        what = (
+            f"negate task {recipe.data.dataset} from {recipe.model.name}, "
+            f"{recipe.model.finetune} fine-tuning, control {recipe.data.control or 'imagenet'}"
+        )
     else:
         what = f"forget a random {recipe.data.forget_fraction:.0%} of the training data"
     parts = [
@@ -169,8 +186,13 @@ def format_markdown(recipe: Recipe, rows: Sequence[dict[str, Any]], seconds: flo
         f"- {len(recipe.sweep.runs)} fine-tunes per seed; seeds {seeds}; "
         "mean ± standard deviation over seeds",
         f"- {_rule(recipe)}",
-        "- forget / retain acc: on the training images to forget / to keep; test acc: on test "
-        + ("images of the kept classes" if recipe.scenario == "class" else "images"),
+        (
+            "- forget / control acc: zero-shot accuracy on the test split of the forgotten "
+            "task / of the control task; merge (s): the merge engine's time"
+            if recipe.scenario == "task"
+            else "- forget / retain acc: on the training images to forget / to keep; test acc: "
+            "on test " + ("images of the kept classes" if recipe.scenario == "class" else "images")
+        ),
         f"- tuning took {seconds:.1f}s; time (s) per method = merging + lambda search "
         "(single and greedy include tuning every run alone)",
         "",

@@ -38,7 +38,8 @@ from negmerge_cli.evaluate.selection import (
     select_lambda,
 )
 from negmerge_cli.recipes import MERGE_METHODS, Recipe
-from negmerge_cli.train.data import UnlearningData, load_digits_data
+from negmerge_cli.train.data import UnlearningData, load_data
+from negmerge_cli.train.loop import resolve_device
 from negmerge_cli.train.models import build_model
 from negmerge_cli.train.sweep import (
     finished_runs,
@@ -50,6 +51,24 @@ from negmerge_cli.train.sweep import (
 State = dict[str, torch.Tensor]
 
 
+def make_evaluator(recipe: Recipe, data: Any, base: State, seed: int) -> Any:
+    """The evaluator of the recipe's setting: CLIP zero-shot heads, or logits of a classifier."""
+    if recipe.model.arch == "clip":
+        from negmerge_cli.evaluate.zeroshot import ClipEvaluator
+
+        return ClipEvaluator(recipe, data, base)
+    return Evaluator(recipe, data, base, recipe.mia, seed)
+
+
+def load_tune_data(recipe: Recipe) -> Any:
+    """What tuning evaluates on, loaded once for every seed, method and lambda."""
+    if recipe.model.arch == "clip":
+        from negmerge_cli.evaluate.zeroshot import load_eval_data
+
+        return load_eval_data(recipe)
+    return load_data(recipe.data)
+
+
 class Evaluator:
     """Evaluates ``base - lambda * vector`` on the validation and test sets, in memory."""
 
@@ -58,7 +77,7 @@ class Evaluator:
     ) -> None:
         self.data = data
         self.base = {k: v.float() if v.is_floating_point() else v for k, v in base.items()}
-        self.model = build_model(recipe.model, seed=0)
+        self.model = build_model(recipe.model, seed=0).to(resolve_device(recipe.device))
         self.mia = mia
         self.seed = seed
 
@@ -151,6 +170,8 @@ class _Vectors:
         self.base = base
         self.folder = folder
         self.count = 0
+        self.last_seconds = 0.0
+        """How long the engine took for the latest merge (reported as the merge time)."""
 
     def __call__(self, method: str, runs: Sequence[Path]) -> State:
         from negmerge_cli import merge
@@ -158,10 +179,12 @@ class _Vectors:
 
         self.count += 1
         path = self.folder / f"{self.count:04d}-{method}.safetensors"
+        began = time.perf_counter()
         merge(
             self.base, list(runs), None, method=method, density=self.recipe.tune.ties_density,
             save_vector=path, quiet=True,
         )  # fmt: skip
+        self.last_seconds = time.perf_counter() - began
         vector = load_state_dict(path)
         path.unlink()
         return vector
@@ -185,7 +208,7 @@ def tune_seed(
     runs = finished_runs(recipe, seed)
     base_file = pretrained_path(recipe, seed)
     base_state = load_state_dict(base_file)
-    evaluator = Evaluator(recipe, data, base_state, recipe.mia, seed)
+    evaluator = make_evaluator(recipe, data, base_state, seed)
     lambdas = recipe.tune.lambdas
     pre_forget, pre_retain = evaluator.validation(evaluator.base)
     threshold = retain_threshold(pre_retain, recipe.tune.retain_ratio)
@@ -246,7 +269,11 @@ def tune_seed(
             if method not in MERGE_METHODS:
                 continue
             started = time.perf_counter()
-            finish(method, vectors(method, runs), runs, started)
+            vector = vectors(method, runs)
+            finish(
+                method, vector, runs, started,
+                details={"merge_seconds": round(vectors.last_seconds, 3)},
+            )  # fmt: skip
 
         if "single" in recipe.tune.methods or "greedy" in recipe.tune.methods:
             started = time.perf_counter()
@@ -322,7 +349,7 @@ def run_tune(
     for seed in recipe.seeds:  # fail before any work when a seed's runs are missing
         finished_runs(recipe, seed)
     with torch_threads(recipe.threads):
-        data = load_digits_data(recipe.data)
+        data = load_tune_data(recipe)
         per_seed = []
         for seed in recipe.seeds:
             result = tune_seed(recipe, seed, data, log)

@@ -33,8 +33,8 @@ import torch
 from negmerge_cli import __version__
 from negmerge_cli.errors import CheckpointError, UsageError
 from negmerge_cli.recipes import Recipe, RunSpec, TrainConfig
-from negmerge_cli.train.data import UnlearningData, load_digits_data
-from negmerge_cli.train.loop import TrainResult, torch_threads, train_model
+from negmerge_cli.train.data import UnlearningData, load_data
+from negmerge_cli.train.loop import TrainResult, resolve_device, torch_threads, train_model
 from negmerge_cli.train.models import build_model
 
 MODEL_FILE = "model.safetensors"
@@ -52,7 +52,12 @@ def seed_dir(recipe: Recipe, seed: int) -> Path:
 
 
 def pretrained_path(recipe: Recipe, seed: int) -> Path:
-    """The model to unlearn from: the recipe's file, or the one pre-trained for this seed."""
+    """The model to unlearn from: the recipe's file, or the one pre-trained for this seed.
+
+    For CLIP it is the zero-shot image encoder the sweep extracts once for all seeds.
+    """
+    if recipe.model.arch == "clip":
+        return recipe.output / "zeroshot" / MODEL_FILE
     if recipe.model.pretrained is not None:
         return recipe.model.pretrained
     return seed_dir(recipe, seed) / "pretrained" / MODEL_FILE
@@ -313,6 +318,7 @@ def _train_and_write(
     varied: dict[str, Any] | None = None,
     base_sha256: str | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
+    precision: str = "fp32",
 ) -> TrainResult:
     started = _now()
 
@@ -321,8 +327,8 @@ def _train_and_write(
         if on_epoch is not None:
             on_epoch(epoch, epochs, loss)
 
-    result = train_model(model, x, y, params, train_seed, report)
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    result = train_model(model, x, y, params, train_seed, report, precision)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     info = _run_info(
         kind, run_id, seed, train_seed, params, result, len(y), started, varied, base_sha256
     )
@@ -405,7 +411,7 @@ def load_starting_point(recipe: Recipe, seed: int) -> StartingPoint:
 
 def sweep_data(recipe: Recipe) -> UnlearningData:
     """The data every run of ``recipe`` trains on (each backend's process loads it once)."""
-    return load_digits_data(recipe.data)
+    return load_data(recipe.data)
 
 
 def job_is_finished(job: SweepJob, base_sha256: str | None = None) -> bool:
@@ -444,11 +450,12 @@ def run_job(
     else:
         model = build_model(recipe.model, seed=job.seed)
         split = data.train if job.kind == "pretrain" else data.retain
+    model.to(resolve_device(recipe.device))
     return _train_and_write(
         job.folder, job.kind, job.run_id, model, split.x, split.y, job.params, job.seed,
         job.train_seed, progress, varied=dict(job.varied),
         base_sha256=base_sha256,
-        on_epoch=on_epoch,
+        on_epoch=on_epoch, precision=recipe.precision,
     )  # fmt: skip
 
 
@@ -490,8 +497,13 @@ def run_sweep(
     """Run (or resume) the whole sweep of a recipe, every seed; finished runs are skipped.
 
     ``on_epoch`` is called after every epoch of every run (tests use it to interrupt).
+    CLIP recipes (task negation) run :func:`negmerge_cli.train.clip.run_clip_sweep`.
     """
     with torch_threads(recipe.threads):
+        if recipe.model.arch == "clip":
+            from negmerge_cli.train.clip import run_clip_sweep
+
+            return run_clip_sweep(recipe, quiet=quiet, stream=stream, on_epoch=on_epoch)
         return _run_sweep(recipe, quiet, stream, on_epoch)
 
 
