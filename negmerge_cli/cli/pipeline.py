@@ -34,6 +34,15 @@ OutputOpt = Annotated[
         help="Output folder (overrides the recipe's output).",
     ),
 ]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        metavar="auto|cpu|cuda",
+        help="Where to train and evaluate (overrides the recipe's device; auto: CUDA when "
+        "available).",
+    ),
+]
 BackendOpt = Annotated[
     str,
     typer.Option(
@@ -61,15 +70,33 @@ def _require_train_extra() -> None:
         )
 
 
-def _load(recipe: str, overrides: list[str] | None, output: Path | None) -> Any:
-    from negmerge_cli.recipes import load_recipe
+def _load(
+    recipe: str, overrides: list[str] | None, output: Path | None, device: str | None = None
+) -> Any:
+    from negmerge_cli.errors import ConfigError
+    from negmerge_cli.recipes import check_files, load_recipe
 
     sets = list(overrides or [])
     if output is not None:
         sets.append(f"output={output}")
+    if device is not None:
+        sets.append(f"device={device}")
     loaded = load_recipe(recipe, sets)
+    missing = check_files(loaded)  # data folders and CLIP weights, before any work
+    if missing:
+        raise ConfigError(missing, source=loaded.source)
     _require_train_extra()
+    if loaded.model.arch in ("clip", "resnet18") or loaded.data.dataset != "digits":
+        _require_vision_extra(loaded.model.arch == "clip")
     return loaded
+
+
+def _require_vision_extra(clip: bool) -> None:
+    needed = ["torchvision", "PIL"] + (["open_clip"] if clip else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        extra = "clip" if clip else "train"
+        raise UsageError(f"this recipe needs {', '.join(missing)}: pip install 'negmerge[{extra}]'")
 
 
 @contextlib.contextmanager
@@ -137,6 +164,7 @@ def sweep(
     output: OutputOpt = None,
     backend: BackendOpt = "local",
     address: AddressOpt = None,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune the pre-trained model on the forget set once per run of the recipe.
@@ -145,7 +173,7 @@ def sweep(
     runs are skipped, so an interrupted sweep resumes where it stopped.
     """
     _check_backend(backend, address)
-    _sweep(_load(recipe, overrides, output), quiet, backend, address)
+    _sweep(_load(recipe, overrides, output, device), quiet, backend, address)
 
 
 @app.command(no_args_is_help=True)
@@ -153,6 +181,7 @@ def tune(
     recipe: RecipeArg,
     overrides: SetOpt = None,
     output: OutputOpt = None,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Choose lambda for every method on the finished runs and write the report.
@@ -160,7 +189,7 @@ def tune(
     Writes results.json, results.md, curves.png and methods.png to the output folder and
     prints the table.
     """
-    _tune(_load(recipe, overrides, output), quiet)
+    _tune(_load(recipe, overrides, output, device), quiet)
 
 
 @app.command(no_args_is_help=True)
@@ -170,12 +199,13 @@ def run(
     output: OutputOpt = None,
     backend: BackendOpt = "local",
     address: AddressOpt = None,
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Sweep, then tune, then report: the whole recipe (with --backend ray, the sweep runs
     on Ray and the tuning here)."""
     _check_backend(backend, address)
-    loaded = _load(recipe, overrides, output)
+    loaded = _load(recipe, overrides, output, device)
     _sweep(loaded, quiet, backend, address)
     _tune(loaded, quiet)
 

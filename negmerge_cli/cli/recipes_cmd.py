@@ -64,9 +64,16 @@ def show_recipe(recipe: RecipeArg) -> None:
 
 @recipes_app.command("validate", no_args_is_help=True)
 def validate_recipe(recipe: RecipeArg, overrides: SetOpt = None) -> None:
-    """Check a recipe completely without running it; every problem is reported at once."""
-    from negmerge_cli.recipes import describe, load_recipe
+    """Check a recipe completely without running it; every problem is reported at once.
+
+    This includes what must be on disk: data folders, CLIP weights and class-name files.
+    """
+    from negmerge_cli.errors import ConfigError
+    from negmerge_cli.recipes import check_files, describe, load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
+    missing = check_files(loaded)
+    if missing:
+        raise ConfigError(missing, source=loaded.source)
     typer.echo(describe(loaded))
     typer.echo("ok")
