@@ -30,7 +30,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
-from negmerge_cli.errors import NegmergeError, RunsFailed
+from negmerge_cli.errors import NegmergeError, RunsFailed, UsageError
 from negmerge_cli.ray_backend import RayError, check_shared_folder, connect
 from negmerge_cli.recipes import Recipe, ResourcesConfig
 from negmerge_cli.train.sweep import (
@@ -232,11 +232,23 @@ def run_sweep_on_ray(
     Example:
         >>> run_sweep_on_ray(load_recipe("digits"), address="auto")  # doctest: +SKIP
     """
+    if recipe.model.arch == "clip":
+        # Its zero-shot encoder is extracted once for every seed, outside the job list.
+        raise UsageError(
+            "the Ray backend does not run CLIP recipes yet; use --backend local (the default)"
+        )
     started = time.perf_counter()
     recipe = absolute_paths(recipe)
     ray = connect(address)
+    created = not recipe.output.exists()
     recipe.output.mkdir(parents=True, exist_ok=True)
-    check_shared_folder(recipe.output)
+    try:
+        check_shared_folder(recipe.output)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                recipe.output.rmdir()
+        raise
     jobs = {seed: seed_jobs(recipe, seed) for seed in recipe.seeds}
     total = sum(len(j) for j in jobs.values())
     slots = run_slots(ray, recipe.resources, total)
