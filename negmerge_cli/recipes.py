@@ -1044,6 +1044,7 @@ def describe(recipe: Recipe) -> str:
     if recipe.model.arch == "clip":
         pre = f"{recipe.model.name} ({recipe.model.finetune} fine-tuning) {pre}"
     lams = recipe.tune.lambdas
+    kept = "control" if recipe.scenario == "task" else "retain"
     return "\n".join(
         [
             f"recipe {recipe.name!r} ({recipe.source}): {recipe.scenario} forgetting of {forget}",
@@ -1051,7 +1052,7 @@ def describe(recipe: Recipe) -> str:
             f"  sweep: {len(recipe.sweep.runs)} fine-tunes x {len(recipe.seeds)} seed(s) "
             f"{list(recipe.seeds)}",
             f"  tune: {', '.join(recipe.tune.methods)}; {len(lams)} lambdas in "
-            f"[{min(lams):g}, {max(lams):g}]; retain >= {recipe.tune.retain_ratio:g} x pre-trained",
+            f"[{min(lams):g}, {max(lams):g}]; {kept} >= {recipe.tune.retain_ratio:g} x pre-trained",
             f"  output: {recipe.output}",
         ]
     )

@@ -90,7 +90,8 @@ def test_the_bundled_recipes_are_also_the_files_in_recipes_folder():
 
 
 def test_an_unknown_recipe_name_lists_the_bundled_ones():
-    with pytest.raises(ConfigError, match="bundled recipes: digits, digits-random"):
+    bundled = "clip-vit-b32, digits, digits-random, resnet18-cifar10-random"
+    with pytest.raises(ConfigError, match=f"bundled recipes: {bundled}"):
         load_recipe("digitz")
 
 

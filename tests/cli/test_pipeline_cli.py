@@ -50,8 +50,8 @@ def test_recipes_list_names_each_bundled_recipe_with_its_summary(cli):
     assert code == 0
     rows = [line.split(None, 1) for line in out.splitlines()]
     assert [name for name, _ in rows] == list(bundled_recipes())
-    assert rows[0][1].startswith("Class forgetting on scikit-learn's digits")
-    assert rows[1][1].startswith("Random forgetting on digits")
+    assert dict(rows)["digits"].startswith("Class forgetting on scikit-learn's digits")
+    assert dict(rows)["digits-random"].startswith("Random forgetting on digits")
 
 
 def test_recipes_show_prints_the_yaml_as_shipped(cli):
