@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,12 +80,18 @@ def connect(address: str | None) -> Any:
     a local Ray instance when ``address`` is None and none is running."""
     ray = import_ray()
     if not ray.is_initialized():
+        # ray.init installs its own SIGTERM handler (it aborts the process); keep the
+        # caller's, which stops the work cleanly.
+        on_term = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise RayError(
                 f"cannot connect to Ray at {address or 'a local instance'}: {exc}"
             ) from None
+        finally:
+            if callable(on_term) and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, on_term)
     return ray
 
 
