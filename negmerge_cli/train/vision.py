@@ -223,8 +223,17 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-def images_to_tensor(images: ImageSet, indices: np.ndarray, size: int = 32) -> torch.Tensor:
-    """Decode ``indices`` to a ``[N, 3, size, size]`` uint8 tensor (fast path for CIFAR-10)."""
+def images_to_tensor(
+    images: ImageSet, indices: np.ndarray, size: int | None = None
+) -> torch.Tensor:
+    """Decode ``indices`` to a ``[N, 3, size, size]`` uint8 tensor (fast path for CIFAR-10).
+
+    ``size`` defaults to the first image's width (CIFAR-10: 32); other sizes are resized.
+    """
+    if size is None:
+        first = images.array[0] if images.array is not None else None
+        size = first.shape[0] if first is not None else images.image(indices[0]).size[0]
+        size = int(size)
     if images.array is not None and images.array.shape[1:] == (size, size, 3):
         chosen = np.ascontiguousarray(images.array[indices])
         return torch.from_numpy(chosen).permute(0, 3, 1, 2).contiguous()
