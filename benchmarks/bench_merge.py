@@ -54,6 +54,7 @@ layers; sets are generated and measured one after the other.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -597,6 +598,36 @@ def machine() -> str:
     )
 
 
+def package_version() -> str:
+    """Where the children import ``negmerge_cli`` from, and a fingerprint of its sources
+    (the package may be edited while a long run goes on: the numbers would mix versions)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import negmerge_cli; print(negmerge_cli.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=REPO / "benchmarks",
+        check=True,
+    )
+    package = Path(found.stdout.strip()).parent
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.read_bytes())
+    head = subprocess.run(
+        ["git", "-C", str(package), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"{package} (git {head or 'unknown'}, sources {digest.hexdigest()[:12]})"
+
+
+def changed(version: str) -> list[str]:
+    now = package_version()
+    if now == version:
+        return []
+    return [f"- WARNING: negmerge_cli changed during this run ({version} -> {now})"]
+
+
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
@@ -626,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     invoked = shlex.join(
         [os.path.relpath(sys.executable, REPO), os.path.relpath(__file__, REPO), *sys.argv[1:]]
     )
-    print(f"command: {invoked}\nmachine: {machine()}\n", flush=True)
+    version = package_version()
+    print(f"command: {invoked}\nmachine: {machine()}\nnegmerge_cli: {version}\n", flush=True)
 
     report: list[str] = []
     data_existed = args.data.exists()
@@ -666,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
                     *table(title, startup, rows, nbytes),
                     "",
                     f"- machine {load_before} before this set, {load()} after",
+                    *changed(version),
                     *verdicts(name, startup, rows),
                 ]
                 report += [*block, ""]
@@ -680,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(args.data, ignore_errors=True)
 
     print("## Summary\n")
-    print(f"command: `{invoked}`  \nmachine: {machine()}\n")
+    print(f"command: `{invoked}`  \nmachine: {machine()}  \nnegmerge_cli: {version}\n")
     print("\n".join(report))
     return 0
 
