@@ -302,3 +302,12 @@ def test_imagenet_folders_named_by_wordnet_id_need_a_class_name_file(tiny_world,
     names.write_text("tench\n")
     with pytest.raises(ConfigError, match="has 1 names but the data has 2 classes"):
         class_names_of(recipe, images, control=True)
+
+
+def test_the_ray_backend_refuses_clip_recipes_with_a_clear_message(tiny_world, tmp_path, cli):
+    pytest.importorskip("ray")
+    recipe = recipe_file(tiny_world, tmp_path / "out")
+    code, _stdout, stderr = cli("sweep", recipe, "--backend", "ray")
+    assert code == 1
+    assert "--backend ray does not run CLIP recipes yet" in stderr
+    assert not (tmp_path / "out").exists()
