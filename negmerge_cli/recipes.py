@@ -608,6 +608,9 @@ def _validate(raw: dict[str, Any], errors: list[str]) -> Recipe | None:
     data = _section(data_raw, "data", data_spec, errors)
     if data is not None and "data" in raw:
         _check_vision_data(data, data_raw, scenario, errors)
+        if data.get("dataset") in VISION_DATASETS:
+            # The task-vectors protocol: 10% of the training images (at most 5,000).
+            data.setdefault("validation_fraction", 0.1)
         if scenario == "class":
             if "forget_classes" not in data and "forget_classes" not in (data_raw or {}):
                 errors.append("data.forget_classes: required for scenario 'class'")

@@ -185,3 +185,11 @@ def test_the_resnet_random_forgetting_recipe_runs_end_to_end(tmp_path: Path, cap
         for key in ("forget", "retain", "test"):
             value = row["metrics"][key]["mean"]
             assert value is None or 0.0 <= value <= 1.0
+
+
+def test_image_datasets_default_to_the_task_vectors_validation_split(tmp_path: Path):
+    path = tmp_path / "r.yaml"
+    path.write_text(RESNET_RECIPE.format(out=tmp_path / "out", root=tmp_path / "data"))
+    recipe = load_recipe(path, ["data={dataset: cifar10, root: data, forget_fraction: 0.1}"])
+    assert recipe.data.validation_fraction == 0.1 and recipe.data.validation_max is None
+    assert load_recipe("digits").data.validation_fraction == 0.15  # digits is unchanged
