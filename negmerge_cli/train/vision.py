@@ -100,14 +100,33 @@ def _image_folder(folder: Path, name: str) -> ImageSet:
     if not files:
         raise ConfigError(f"data.root: no images under {folder} ({DATA_LAYOUT_HINT})")
 
-    def get(index: int) -> tuple[Any, int]:
+    get = _FileReader(files, labels)
+    return ImageSet(name, [_pretty(c) for c in classes], get, np.asarray(labels, dtype=np.int64))
+
+
+class _FileReader:
+    """Opens image ``i`` from its file (a class, not a closure: loader workers pickle it)."""
+
+    def __init__(self, files: list[Path], labels: list[int]) -> None:
+        self.files = files
+        self.labels = labels
+
+    def __call__(self, index: int) -> tuple[Any, int]:
         from PIL import Image
 
-        with Image.open(files[index]) as image:
+        with Image.open(self.files[index]) as image:
             image.load()
-            return image, labels[index]
+            return image, self.labels[index]
 
-    return ImageSet(name, [_pretty(c) for c in classes], get, np.asarray(labels, dtype=np.int64))
+
+class _DatasetReader:
+    """Item ``i`` of a torchvision dataset (picklable, unlike a lambda)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __call__(self, index: int) -> tuple[Any, int]:
+        return self.dataset[index]
 
 
 def _torchvision_set(dataset: str, folder: Path, train: bool) -> ImageSet:
@@ -140,7 +159,7 @@ def _torchvision_set(dataset: str, folder: Path, train: bool) -> ImageSet:
         classes = [c[0] if isinstance(c, tuple) else c for c in classes]
     names = [_pretty(str(c)) for c in classes] if classes else []
     array = getattr(ds, "data", None) if dataset == "cifar10" else None
-    return ImageSet(dataset, names, lambda i: ds[i], labels, array)
+    return ImageSet(dataset, names, _DatasetReader(ds), labels, array)
 
 
 def _labels_of(ds: Any) -> np.ndarray:

@@ -311,3 +311,15 @@ def test_the_ray_backend_refuses_clip_recipes_with_a_clear_message(tiny_world, t
     assert code == 1
     assert "--backend ray does not run CLIP recipes yet" in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_images_are_decoded_once_the_same_with_or_without_workers(tiny_world):
+    from negmerge_cli.evaluate.zeroshot import decode_images
+    from negmerge_cli.train.vision import open_split
+
+    images = open_split("eurosat", tiny_world["root"], train=False)
+    cpu = torch.device("cpu")
+    alone = decode_images(images, [0, 4, 8], 16, 0, cpu)
+    pooled = decode_images(images, [0, 4, 8], 16, 2, cpu)
+    assert alone.x.dtype == torch.uint8 and alone.x.shape == (3, 3, 16, 16)
+    assert torch.equal(alone.x, pooled.x) and alone.y.tolist() == [0, 1, 2]

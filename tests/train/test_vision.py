@@ -193,3 +193,16 @@ def test_image_datasets_default_to_the_task_vectors_validation_split(tmp_path: P
     recipe = load_recipe(path, ["data={dataset: cifar10, root: data, forget_fraction: 0.1}"])
     assert recipe.data.validation_fraction == 0.1 and recipe.data.validation_max is None
     assert load_recipe("digits").data.validation_fraction == 0.15  # digits is unchanged
+
+
+def test_an_image_dataset_survives_pickling_for_spawned_loader_workers(tmp_path: Path):
+    import pickle
+
+    from negmerge_cli.train.vision import ImageDataset
+
+    write_dataset(tmp_path, "eurosat", ["forest", "river"], train_per_class=2)
+    images = open_split("eurosat", tmp_path, train=True)
+    dataset = ImageDataset(images, [0, 3], lambda image: np.asarray(image).shape)
+    copy = pickle.loads(pickle.dumps(ImageDataset(images, [0, 3], np.asarray)))
+    assert dataset[1] == ((32, 32, 3), 1)
+    assert copy[1][0].shape == (32, 32, 3) and copy[1][1] == 1
