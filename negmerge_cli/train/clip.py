@@ -467,11 +467,14 @@ def run_clip_sweep(
     base_state = load_state_dict(base_file)
     head = read_heads(recipe)[recipe.data.dataset][0]
     splits = task_splits(recipe, recipe.data.dataset)
-    size_model = create_clip(recipe.model, load_weights=False)
-    size = image_size(size_model)
-    mean, std = image_stats(size_model)
-    del size_model
+    shape_model = create_clip(recipe.model, load_weights=False)
+    size = image_size(shape_model)
+    mean, std = image_stats(shape_model)
+    del shape_model
     normalizer = Normalizer(mean, std, device)
+    # One encoder module for the whole sweep, reset to the zero-shot weights before each run
+    # (building a large open_clip model from scratch takes seconds).
+    encoder = load_encoder(recipe, base_state).to(device)
     extra = {"finetune": recipe.model.finetune, "dataset": recipe.data.dataset}
 
     trained = skipped = 0
@@ -496,9 +499,10 @@ def run_clip_sweep(
                 continue
             train_seed = derive_seed(seed, run.run_id)
             torch.manual_seed(train_seed)
-            encoder = load_encoder(recipe, base_state).to(device)
+            encoder.load_state_dict(base_state)
+            trained_module: nn.Module = encoder
             if recipe.model.finetune == "linear":
-                encoder = LinearizedModel(encoder)
+                trained_module = LinearizedModel(encoder)
             dataset = ImageDataset(
                 splits.train_images, splits.train, train_transform(size, run.params)
             )
@@ -513,7 +517,7 @@ def run_clip_sweep(
 
             begun = _now()
             result = finetune_encoder(
-                encoder, head, loader, run.params, normalizer, recipe.precision, report
+                trained_module, head, loader, run.params, normalizer, recipe.precision, report
             )
             info = _run_info(
                 "finetune", run.run_id, seed, train_seed, run.params, result, len(dataset),
@@ -526,7 +530,7 @@ def run_clip_sweep(
                 f"train acc {result.accuracy:.3f})"
             )
             trained += 1
-            del encoder, loader
+            del trained_module, loader
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     seconds = time.perf_counter() - started

@@ -264,6 +264,21 @@ def test_the_clip_recipe_runs_end_to_end_full_and_linear(tiny_world, tmp_path: P
     assert negmerge["merge_seconds"]["mean"] > 0
     assert "| method | forget acc | control acc |" in stdout
 
+    # Each run starts from the zero-shot weights: run 01 trained first in a process (run 00
+    # copied as finished) gives the checkpoint it gave when trained after run 00.
+    import shutil
+
+    solo = tmp_path / "solo"
+    shutil.copytree(out / "zeroshot", solo / "zeroshot")
+    shutil.copy(out / "heads.safetensors", solo / "heads.safetensors")
+    shutil.copytree(out / "seed-0" / "runs" / "00-m1", solo / "seed-0" / "runs" / "00-m1")
+    code, _, stderr = cli("sweep", recipe, "--set", f"output={solo}")
+    assert code == 0, stderr
+    assert "run 00-m1: finished earlier, skipped" in stderr
+    alone = load_state_dict(solo / "seed-0" / "runs" / "01-m9" / "model.safetensors")
+    after = load_state_dict(out / "seed-0" / "runs" / "01-m9" / "model.safetensors")
+    assert all(torch.equal(alone[k], after[k]) for k in alone)
+
     code, stdout, stderr = cli("run", recipe, "--device", "cpu", "-q", "--set",
                                "model.finetune=linear")  # fmt: skip
     assert code == 0, stderr
