@@ -51,6 +51,7 @@ TASK_PREFIX = "negmerge-sweep"
 """Ray task names (and worker process titles, ``ray::negmerge-sweep seed 0 run 03-...``)."""
 
 SLOTS_REFRESH_S = 10.0
+CANCEL_WAIT_S = 10.0
 
 
 # --------------------------------------------------------------------------- worker side
@@ -404,9 +405,19 @@ class _Driver:
 
     def _cancel(self) -> None:
         """Stop every task in flight and wait until they are gone, so that none of them
-        writes after the driver has returned (their temp folders are removed by the retry
-        of that run in the next sweep)."""
+        writes after the driver has returned.
+
+        A plain cancel raises KeyboardInterrupt inside the task, which removes its temp
+        folder on the way out; a task still there after a while is killed (its leftover
+        is removed by the next attempt at that run). Killing first can crash Ray's driver
+        (2.60: "Tried to complete task that was not pending") when a kill races a retry.
+        """
         refs = list(self.running)
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(ref, force=False)
+        with contextlib.suppress(Exception):
+            _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
         for ref in refs:
             with contextlib.suppress(Exception):
                 self.ray.cancel(ref, force=True)

@@ -209,3 +209,27 @@ def test_relative_paths_of_a_recipe_are_made_absolute_for_the_workers(tmp_path, 
     assert recipe.output == tmp_path / "out"
     assert recipe.model.pretrained == weights
     assert recipe.sweep == tiny(Path("out")).sweep
+
+
+def test_sigterm_stops_a_sweep_on_ray_cleanly_and_it_resumes(cluster, tmp_path):
+    out = tmp_path / "out"
+    # Neither --address nor RAY_ADDRESS: the driver starts its own Ray, which installs a
+    # SIGTERM handler that aborts the process (exit 134) unless negmerge puts its own back.
+    argv = ["sweep", "digits", *(f"--set={s}" for s in TINY), "-o", str(out),
+            "--backend", "ray"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "negmerge_cli", *argv], stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "seed-0" / "pretrained" / RUN_FILE).exists():
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode == 130, err[-2000:]
+    assert "sweep interrupted; finished runs in" in err
+    summary = run_sweep_on_ray(tiny(out), quiet=True)
+    assert summary.failed == () and summary.skipped >= 1
+    assert summary.trained + summary.skipped == 8
+    assert not list(out.rglob(".tmp-*"))
