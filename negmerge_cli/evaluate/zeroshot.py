@@ -128,8 +128,13 @@ class ClipEvaluator:
         self.recipe = recipe
         self.data = data
         self.device = resolve_device(recipe.device)
-        self.base = {k: v.float() if v.is_floating_point() else v for k, v in base.items()}
-        encoder = load_encoder(recipe, self.base).to(self.device)
+        cpu_base = {k: v.float() if v.is_floating_point() else v for k, v in base.items()}
+        encoder = load_encoder(recipe, cpu_base).to(self.device)
+        # Base and task vector live on the device: each lambda's weights are one fused
+        # subtraction there, not a host-side copy of the whole encoder.
+        self.base = {k: v.to(self.device) for k, v in cpu_base.items()}
+        self._vector: State | None = None
+        self._vector_on_device: State = {}
         self.model: torch.nn.Module = (
             LinearizedModel(encoder) if recipe.model.finetune == "linear" else encoder
         )
@@ -150,8 +155,14 @@ class ClipEvaluator:
 
     def edited(self, vector: State, lam: float) -> State:
         """The weights ``base - lam * vector`` (tensors missing from the vector stay as base)."""
+        if vector is not self._vector:  # a new vector: move it once, reuse for every lambda
+            self._vector = vector
+            self._vector_on_device = {
+                k: v.to(self.device, torch.float32) for k, v in vector.items() if k in self.base
+            }
+        moved = self._vector_on_device
         return {
-            name: (value - lam * vector[name]) if name in vector else value
+            name: (value - lam * moved[name]) if name in moved else value
             for name, value in self.base.items()
         }
 

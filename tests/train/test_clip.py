@@ -338,3 +338,45 @@ def test_evaluation_images_are_decoded_once_the_same_with_or_without_workers(tin
     pooled = decode_images(images, [0, 4, 8], 16, 2, cpu)
     assert alone.x.dtype == torch.uint8 and alone.x.shape == (3, 3, 16, 16)
     assert torch.equal(alone.x, pooled.x) and alone.y.tolist() == [0, 1, 2]
+
+
+def test_the_evaluator_scores_base_minus_lambda_vector_like_a_hand_built_classifier(
+    tiny_world, tmp_path, cli
+):
+    from negmerge_cli.evaluate.zeroshot import ClipEvaluator, load_eval_data
+    from negmerge_cli.io import load_state_dict
+    from negmerge_cli.train.clip import load_encoder, read_heads
+
+    recipe_path = recipe_file(tiny_world, tmp_path / "out")
+    code, _, stderr = cli("sweep", recipe_path, "-q")
+    assert code == 0, stderr
+    recipe = load_recipe(recipe_path)
+    out = recipe.output
+    base = load_state_dict(out / "zeroshot" / "model.safetensors")
+    tuned = load_state_dict(out / "seed-0" / "runs" / "01-m9" / "model.safetensors")
+    data = load_eval_data(recipe)
+    assert len(data.val_forget) == 4 and len(data.test_forget) == 9  # 25% of 18; 3 x 3
+    assert len(data.val_control) == 3 and len(data.test_control) == 6
+    evaluator = ClipEvaluator(recipe, data, base)
+    tau = {k: tuned[k] - base[k] for k in base}
+
+    def by_hand(state, images, task):
+        encoder = load_encoder(recipe, state).eval()
+        head = read_heads(recipe)[task][0]
+        mean = torch.tensor(data.mean).view(1, 3, 1, 1)
+        std = torch.tensor(data.std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            features = encoder((images.x.float() / 255 - mean) / std)
+        logits = (features / features.norm(dim=-1, keepdim=True)) @ head.T
+        return float((logits.argmax(-1) == images.y).float().mean())
+
+    # lambda = -1 adds the task vector back: the fine-tuned encoder itself.
+    forget, control = evaluator.validation(evaluator.edited(tau, -1.0))
+    assert forget == pytest.approx(by_hand(tuned, data.val_forget, "eurosat"))
+    assert control == pytest.approx(by_hand(tuned, data.val_control, "imagenet"))
+    negated = {k: base[k] - 0.5 * tau[k] for k in base}
+    test = evaluator.test(evaluator.edited(tau, 0.5))
+    assert test["forget"] == pytest.approx(by_hand(negated, data.test_forget, "eurosat"))
+    assert test["control"] == pytest.approx(by_hand(negated, data.test_control, "imagenet"))
+    curve = evaluator.curve(tau, [0.0, 0.5])
+    assert (curve.forget[0], curve.retain[0]) == evaluator.validation(evaluator.base)
