@@ -182,7 +182,7 @@ class _Vectors:
         began = time.perf_counter()
         merge(
             self.base, list(runs), None, method=method, density=self.recipe.tune.ties_density,
-            save_vector=path, quiet=True,
+            save_vector=path, quiet=True, device=self.recipe.device,
         )  # fmt: skip
         self.last_seconds = time.perf_counter() - began
         vector = load_state_dict(path)
