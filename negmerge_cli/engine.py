@@ -355,8 +355,9 @@ class TaskVectorReader:
         count = len(inputs.finetuned)
         if memory_budget is None:
             memory_budget = MEMORY_BUDGET if device.type == "cpu" else GPU_MEMORY_BUDGET
-        # base, N task vectors, merged, output and a little slack, in float32
-        self.chunk = max(1, memory_budget // ((count + 4) * 4))
+        # N task vectors plus about ten chunk-sized temporaries whatever N is (base,
+        # running min and max, mask, mean, merged, result, ...), in float32
+        self.chunk = max(1, memory_budget // ((count + 10) * 4))
         self.bytes_read = 0
 
     def ranges(self, info: TensorInfo) -> list[tuple[int, int]]:

@@ -136,6 +136,7 @@ class SafetensorsReader(CheckpointReader):
         except BaseException:
             os.close(self._fd)
             raise
+        self._staging: torch.Tensor | None = None
         ordered = sorted(entries.items(), key=lambda kv: kv[1][2])
         self.tensors = {name: TensorInfo(name, e[0], e[1]) for name, e in ordered}
         self._offsets = {name: e[2] for name, e in ordered}
@@ -165,7 +166,15 @@ class SafetensorsReader(CheckpointReader):
         if out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu":
             self._read_range(name, start, out)
             return out
-        return super().read_into(name, start, out)
+        # Another dtype (bf16 stored, float32 wanted): read into a staging buffer that is
+        # kept between calls, then convert; no allocation per chunk.
+        count = out.numel()
+        if self._staging is None or self._staging.dtype != dtype or self._staging.numel() < count:
+            self._staging = torch.empty(count, dtype=dtype)
+        staging = self._staging[:count]
+        self._read_range(name, start, staging)
+        out.copy_(staging.view(out.shape))
+        return out
 
     def _read_range(self, name: str, start: int, out: torch.Tensor) -> None:
         if out.numel() == 0:

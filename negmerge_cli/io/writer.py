@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import struct
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,6 +72,9 @@ class PendingFile:
 
     def __init__(self, destination: Path) -> None:
         self.destination = destination
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._error: OSError | None = None
         # Signals wait until the temp file is registered, so that an interrupt can never
         # leave one behind that nobody knows about.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -86,15 +91,43 @@ class PendingFile:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def write(self, data: bytes | memoryview) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[self._handle.write(view) :]
-        except OSError as exc:
-            raise OutputError(f"{self.destination}: write failed: {exc.strerror}") from None
+        """Queue ``data`` (copied) for the writer thread, which overlaps the disk write with
+        the caller's next chunk; at most two chunks wait, so memory stays bounded."""
+        self._raise_if_failed()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, daemon=True)
+            self._thread.start()
+        self._queue.put(bytes(data))
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep taking items so that the producer never blocks
+            try:
+                view = memoryview(item)
+                while view:
+                    view = view[self._handle.write(view) :]
+            except OSError as exc:
+                self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise OutputError(f"{self.destination}: write failed: {self._error.strerror}")
+
+    def flush(self) -> None:
+        """Wait until every queued chunk is written; the writer thread ends."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._raise_if_failed()
 
     def finish(self) -> None:
         """Flush to disk and give the file the mode the umask asks for (mkstemp uses 0600)."""
+        self.flush()
         try:
             os.fchmod(self._handle.fileno(), 0o666 & ~_umask())
             os.fsync(self._handle.fileno())
@@ -112,6 +145,11 @@ class PendingFile:
         _PENDING.discard(self)
 
     def discard(self) -> None:
+        if self._thread is not None:
+            self._error = self._error or OSError(0, "discarded")
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         if not self._handle.closed:
             self._handle.close()
         self.temp.unlink(missing_ok=True)
@@ -166,6 +204,8 @@ class SafetensorsWriter:
         if self._written == info.nbytes:
             self._index += 1
             self._written = 0
+            if self._index == len(self._plan):
+                self._file.flush()  # a shard done: its writer thread need not linger
 
     def finish(self) -> None:
         if self._index != len(self._plan):

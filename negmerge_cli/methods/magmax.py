@@ -11,7 +11,9 @@ import torch
 
 def magmax(taus: torch.Tensor) -> torch.Tensor:
     """Entry of largest ``|tau_i|``; on a tie the later task vector wins."""
-    best = taus[0]
+    best, best_abs = taus[0], taus[0].abs()
     for tau in taus[1:]:
-        best = torch.where(tau.abs() >= best.abs(), tau, best)
+        size = tau.abs()
+        best = torch.where(size >= best_abs, tau, best)
+        torch.maximum(best_abs, size, out=best_abs)
     return best
