@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from negmerge_cli.methods.common import elected_sign, ordered_sum, trim
+from negmerge_cli.methods.common import elected_sign, trim
 
 
 def ties(taus: torch.Tensor, *, thresholds: torch.Tensor, majority_sign: float) -> torch.Tensor:
@@ -22,10 +22,15 @@ def ties(taus: torch.Tensor, *, thresholds: torch.Tensor, majority_sign: float) 
     """
     trimmed = trim(taus, thresholds)
     sign = elected_sign(trimmed)
-    sign = torch.where(sign == 0, majority_sign, sign)
-    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    total = ordered_sum(torch.where(agree, trimmed, 0.0))
-    return total / agree.sum(dim=0).clamp(min=1).to(trimmed.dtype)
+    positive = torch.where(sign == 0, majority_sign > 0, sign > 0)
+    # Row by row (contiguous passes, in input order) rather than reductions over dim 0.
+    total = torch.zeros_like(trimmed[0])
+    count = torch.zeros_like(trimmed[0])
+    for row in trimmed:
+        agree = torch.where(positive, row > 0, row < 0)
+        total += torch.where(agree, row, 0.0)
+        count += agree
+    return total / count.clamp(min=1)
 
 
 def majority_contribution(taus: torch.Tensor, thresholds: torch.Tensor) -> int:
