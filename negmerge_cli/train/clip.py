@@ -17,6 +17,7 @@ Weights come only from ``model.pretrained`` on disk; nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -381,7 +382,7 @@ def _write_heads(recipe: Recipe, heads: dict[str, tuple[torch.Tensor, list[str]]
 
     tensors = {name: head.contiguous() for name, (head, _names) in heads.items()}
     meta = {name: json.dumps(names) for name, (_head, names) in heads.items()}
-    save_state_dict(tensors, heads_path(recipe), metadata=meta)
+    save_state_dict(tensors, heads_path(recipe), metadata=meta, force=True)
 
 
 def prepare_zeroshot(recipe: Recipe, device: torch.device, progress: Any) -> None:
@@ -394,20 +395,27 @@ def prepare_zeroshot(recipe: Recipe, device: torch.device, progress: Any) -> Non
     info = _zeroshot_info(recipe, weights)
     done = read_run(folder)
     tasks = [recipe.data.dataset, recipe.data.control or "imagenet"]
+    # Class names first (cheap): a missing name file fails before the model loads, and
+    # heads built from other names (a new class-name file) are rebuilt.
+    names_of = {
+        task: class_names_of(recipe, task_splits(recipe, task).train_images, control=i == 1)
+        for i, task in enumerate(tasks)
+    }
     if done is not None and (folder / "model.safetensors").is_file():
         if done.get("model") != info["model"]:
             raise UsageError(
                 f"{folder}: holds the zero-shot encoder of other weights ({done.get('model')}); "
                 "delete it or choose another output folder"
             )
-        if heads_path(recipe).is_file() and set(tasks) <= set(read_heads(recipe)):
-            return
+        if heads_path(recipe).is_file():
+            saved = read_heads(recipe)
+            if all(t in saved and saved[t][1] == names_of[t] for t in tasks):
+                return
     progress.note(f"zero-shot: loading {recipe.model.name} from {weights}")
     model = create_clip(recipe.model)
     heads = {}
-    for i, task in enumerate(tasks):
-        splits = task_splits(recipe, task)
-        names = class_names_of(recipe, splits.train_images, control=i == 1)
+    for task in tasks:
+        names = names_of[task]
         head = build_head(model, names, templates_for(task), device, recipe.model.name)
         heads[task] = (head, names)
         progress.note(f"zero-shot: head for {task} ({len(names)} classes)")
@@ -465,7 +473,7 @@ def run_clip_sweep(
     base_file = recipe.output / "zeroshot" / "model.safetensors"
     base_sha = file_sha256(base_file)
     base_state = load_state_dict(base_file)
-    head = read_heads(recipe)[recipe.data.dataset][0]
+    head, head_names = read_heads(recipe)[recipe.data.dataset]
     splits = task_splits(recipe, recipe.data.dataset)
     shape_model = create_clip(recipe.model, load_weights=False)
     size = image_size(shape_model)
@@ -475,7 +483,13 @@ def run_clip_sweep(
     # One encoder module for the whole sweep, reset to the zero-shot weights before each run
     # (building a large open_clip model from scratch takes seconds).
     encoder = load_encoder(recipe, base_state).to(device)
-    extra = {"finetune": recipe.model.finetune, "dataset": recipe.data.dataset}
+    # A run depends on the head it was trained under: its class names are part of its identity.
+    names_digest = hashlib.sha256(json.dumps(head_names).encode()).hexdigest()[:16]
+    extra = {
+        "finetune": recipe.model.finetune,
+        "dataset": recipe.data.dataset,
+        "class_names_sha256": names_digest,
+    }
 
     trained = skipped = 0
     for seed in recipe.seeds:
@@ -490,9 +504,9 @@ def run_clip_sweep(
                 info = read_run(folder) or {}
                 if any(info.get(k) != v for k, v in extra.items()):
                     raise UsageError(
-                        f"{folder}: holds a run of another task or fine-tuning mode "
-                        f"({info.get('dataset')}, {info.get('finetune')}); delete it or "
-                        "choose another output folder"
+                        f"{folder}: holds a run of another task, fine-tuning mode or class "
+                        f"names ({info.get('dataset')}, {info.get('finetune')}); delete it "
+                        "or choose another output folder"
                     )
                 progress.finish("finished earlier, skipped")
                 skipped += 1

@@ -380,3 +380,21 @@ def test_the_evaluator_scores_base_minus_lambda_vector_like_a_hand_built_classif
     assert test["control"] == pytest.approx(by_hand(negated, data.test_control, "imagenet"))
     curve = evaluator.curve(tau, [0.0, 0.5])
     assert (curve.forget[0], curve.retain[0]) == evaluator.validation(evaluator.base)
+
+
+def test_new_class_names_rebuild_the_heads_and_refuse_runs_trained_under_the_old(
+    tiny_world, tmp_path, cli
+):
+    from negmerge_cli.train.clip import read_heads
+
+    recipe_path = recipe_file(tiny_world, tmp_path / "out")
+    code, _, stderr = cli("sweep", recipe_path, "-q")
+    assert code == 0, stderr
+    recipe = load_recipe(recipe_path)
+    assert read_heads(recipe)["eurosat"][1] == ["forest", "river", "sea lake"]
+    names = tmp_path / "names.txt"
+    names.write_text("woodland\nstream\nlake\n")
+    code, _, stderr = cli("sweep", recipe_path, "-q", "--set", f"data.class_names={names}")
+    assert code == 1
+    assert "holds a run of another task, fine-tuning mode or class names" in stderr
+    assert read_heads(recipe)["eurosat"][1] == ["woodland", "stream", "lake"]
