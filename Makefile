@@ -1,10 +1,10 @@
 # Everything a fresh machine needs: `make test` and `make demo` create the virtual
-# environment themselves. torch is installed first from its CPU build (about 200 MB)
-# so that pip does not pick a multi-GB CUDA build for the dependency.
+# environment themselves. torch and torchvision are installed first, as a matching pair
+# (open_clip needs torchvision, and a torchvision of another build fails to import).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo lint format bench clean
@@ -12,8 +12,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,train,ray]"
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[dev,train,clip,ray]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -23,11 +23,11 @@ demo: $(STAMP)
 	$(BIN)/negmerge demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check negmerge_cli tests benchmarks
-	$(BIN)/ruff format --check negmerge_cli tests benchmarks
+	$(BIN)/ruff check negmerge_cli tests benchmarks scripts
+	$(BIN)/ruff format --check negmerge_cli tests benchmarks scripts
 
 format: $(STAMP)
-	$(BIN)/ruff format negmerge_cli tests benchmarks
+	$(BIN)/ruff format negmerge_cli tests benchmarks scripts
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_merge.py
