@@ -23,10 +23,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -278,6 +281,42 @@ def run_sweep_on_ray(
     )
 
 
+class _StopRequest:
+    """Set by SIGINT or SIGTERM; the driver loop raises KeyboardInterrupt at a safe point."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.signalled:  # a second signal: do not wait for the loop
+            raise KeyboardInterrupt
+        self.signalled = True
+
+    def check(self) -> None:
+        if self.signalled:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[_StopRequest]:
+    """SIGINT and SIGTERM only note the request while the driver talks to Ray: an
+    exception raised inside a Ray call (``ray.get`` as a result arrives) can leave Ray's
+    task bookkeeping inconsistent, and Ray 2.60 then aborts the driver ("Tried to complete
+    task that was not pending") instead of letting it cancel the tasks."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, stop.handle)
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class _Driver:
     """Submits ready jobs, at most ``slots`` in flight, and releases a seed's fine-tunes
     once its pre-trained model is there."""
@@ -387,18 +426,21 @@ class _Driver:
     def run(self) -> None:
         refreshed = time.monotonic()
         try:
-            self._submit()
-            while self.running:
-                done, _ = self.ray.wait(list(self.running), num_returns=1, timeout=1.0)
-                for ref in done:
-                    self._collect(ref)
-                if time.monotonic() - refreshed > SLOTS_REFRESH_S:
-                    # A cluster may grow (autoscaling) or lose nodes while the sweep runs.
-                    with contextlib.suppress(RayError):
-                        self.slots = run_slots(self.ray, self.recipe.resources, self.total)
-                    refreshed = time.monotonic()
+            with _signals_deferred() as stop:
                 self._submit()
-                self.progress.tick()
+                while self.running:
+                    stop.check()
+                    done, _ = self.ray.wait(list(self.running), num_returns=1, timeout=1.0)
+                    stop.check()
+                    for ref in done:
+                        self._collect(ref)
+                    if time.monotonic() - refreshed > SLOTS_REFRESH_S:
+                        # A cluster may grow (autoscaling) or lose nodes during the sweep.
+                        with contextlib.suppress(RayError):
+                            self.slots = run_slots(self.ray, self.recipe.resources, self.total)
+                        refreshed = time.monotonic()
+                    self._submit()
+                    self.progress.tick()
         except BaseException:
             self._cancel()
             raise

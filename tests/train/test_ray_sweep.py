@@ -95,18 +95,13 @@ def _worker_running(title: bytes) -> int | None:
     return None
 
 
-def test_a_worker_killed_in_the_middle_of_a_run_is_retried_and_the_sweep_completes(
-    cluster, tmp_path
-):
-    # Pre-training long enough (~2 s) to be caught in the middle.
-    options = ["seeds=[0]", "pretrain.epochs=16", "reference.retrain=false"]
-    recipe = tiny(tmp_path / "ray", *options)
-    # A worker that died on another node while writing a fine-tune left its temp folder.
-    first_run = seed_jobs(recipe, 0)[1].folder
-    leftover = first_run.parent / f".tmp-{first_run.name}-99999999"
-    leftover.mkdir(parents=True)
-    (leftover / MODEL_FILE).write_bytes(b"half a model")
-    stream = io.StringIO()
+# Pre-training long enough (~2 s) to be caught in the middle.
+KILLABLE = ["seeds=[0]", "pretrain.epochs=16", "reference.retrain=false"]
+
+
+def sweep_killing_the_pretraining(recipe, stream: io.StringIO):
+    """Run the sweep on Ray, SIGKILL the worker pre-training seed 0 half a second into
+    the run, and return the summary."""
     result: dict = {}
 
     def sweep() -> None:
@@ -124,14 +119,40 @@ def test_a_worker_killed_in_the_middle_of_a_run_is_retried_and_the_sweep_complet
     assert not is_finished(seed_jobs(recipe, 0)[0].folder)
     os.kill(killed, signal.SIGKILL)
     thread.join(timeout=120)
-    summary = result["summary"]
+    return result["summary"]
+
+
+def test_a_worker_killed_in_the_middle_of_a_run_is_retried_and_the_sweep_completes(
+    cluster, tmp_path
+):
+    recipe = tiny(tmp_path / "ray", *KILLABLE)
+    # A worker that died on another node while writing a fine-tune left its temp folder.
+    first_run = seed_jobs(recipe, 0)[1].folder
+    leftover = first_run.parent / f".tmp-{first_run.name}-99999999"
+    leftover.mkdir(parents=True)
+    (leftover / MODEL_FILE).write_bytes(b"half a model")
+    stream = io.StringIO()
+    summary = sweep_killing_the_pretraining(recipe, stream)
     assert (summary.trained, summary.failed) == (3, ())
     assert all(is_finished(job.folder) for job in seed_jobs(recipe, 0))
     assert not list((tmp_path / "ray").rglob(".tmp-*"))
     assert f"removed the leftover of an interrupted run: {leftover}" in stream.getvalue()
-    local = tiny(tmp_path / "local", *options)
+    local = tiny(tmp_path / "local", *KILLABLE)
     run_sweep(local, quiet=True)
     assert models(tmp_path / "ray") == models(tmp_path / "local")
+
+
+def test_without_retries_a_killed_worker_fails_its_run_and_what_depends_on_it(cluster, tmp_path):
+    recipe = tiny(tmp_path / "out", *KILLABLE, "resources.retries=0")
+    summary = sweep_killing_the_pretraining(recipe, io.StringIO())
+    assert summary.trained == 0
+    assert summary.failed == (
+        ("seed 0 pre-train", "its worker died 1 time(s) (resources.retries: 0); "
+                             "WorkerCrashedError"),
+        ("seed 0 run 00-lr0.01-ep1", "its pre-training failed (seed 0 pre-train)"),
+        ("seed 0 run 01-lr0.01-ep2", "its pre-training failed (seed 0 pre-train)"),
+    )  # fmt: skip
+    assert not (tmp_path / "out" / "seed-0" / "pretrained").exists()
 
 
 def test_runs_that_fail_for_good_are_listed_while_the_others_finish(cluster, tmp_path, capsys):
@@ -227,7 +248,8 @@ def test_sigterm_stops_a_sweep_on_ray_cleanly_and_it_resumes(cluster, tmp_path):
         time.sleep(0.02)
     driver.send_signal(signal.SIGTERM)
     _, err = driver.communicate(timeout=60)
-    assert driver.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if not line.startswith(("/", " "))]
+    assert driver.returncode == 130, "\n".join(lines)[-3000:]
     assert "sweep interrupted; finished runs in" in err
     summary = run_sweep_on_ray(tiny(out), quiet=True)
     assert summary.failed == () and summary.skipped >= 1
