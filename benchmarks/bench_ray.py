@@ -1,24 +1,27 @@
 """Benchmark the Ray backends on one machine: the merge by shard, the sweep by run.
 
-Two tables:
+Two tables, in this order:
 
+* sweep: runs per minute of the digits recipe at reduced settings with the local backend
+  and with the Ray backend (every run one task, one CPU each), on fresh workers (the first
+  sweep on a new cluster: worker start, imports, data) and again on warm ones.
 * merge: wall time of ``negmerge_cli.merge(..., shard_size=...)`` in this process against
   ``merge_on_ray`` with 1 and 2 workers on a local Ray instance, on the LLM-shaped bfloat16
   set of ``bench_merge.py`` (TinyLlama's shapes, ``--layers`` decoder layers, a base and
   ``--n`` fine-tunes), with the page cache warm. Every Ray output is checked to be the
   single-process shards, byte for byte.
-* sweep: runs per minute of the digits recipe at reduced settings with the local backend
-  and with the Ray backend (every run one task, one CPU each), on fresh workers (the first
-  sweep on a new cluster) and again on warm ones (torch already imported).
 
 Ray's start-up (``ray.init``, a few seconds) is timed apart; each Ray case includes the
 start of its worker processes and their imports (torch), as a first sweep or merge on a
-fresh cluster pays them. On a 2-core machine two workers can at best halve the time; the
-load average is printed, since other busy processes take cores from either side.
+fresh cluster pays them, except the merges: their workers are started first (timed apart),
+so that 1 and 2 workers are compared on equal terms. On a 2-core machine two workers can
+at best halve the time; the load average is printed, since other busy processes take cores
+from either side. The single-process merge uses torch's intra-op threads (2 here), a Ray
+task one (Ray sets ``OMP_NUM_THREADS`` to the task's CPUs).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_ray.py                    # ~3-5 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_ray.py                    # ~1 minute on 2 cores
     .venv/bin/python benchmarks/bench_ray.py --n 8 --layers 2 --shard-size 100MB
     .venv/bin/python benchmarks/bench_ray.py --skip-merge       # the sweep table only
 
@@ -75,6 +78,9 @@ def bench_merge(args: argparse.Namespace, data: Path, ray) -> str:
     files = bench.files(args.n)
     size = sum(f.stat().st_size for f in files)
     out = data / "out"
+    started = time.perf_counter()
+    ray.get([_warm_worker.options(num_cpus=1).remote() for _ in range(args.cpus)])
+    warmup = time.perf_counter() - started
     rows = []
     reference: dict[str, str] | None = None
     cases: list[tuple[str, int | None]] = [(f"single process ({_threads()} torch threads)", None)]
@@ -102,13 +108,25 @@ def bench_merge(args: argparse.Namespace, data: Path, ray) -> str:
     shutil.rmtree(out, ignore_errors=True)
     title = (
         f"merge: NegMerge, LLM-shaped bf16 set, {args.layers} layer(s), base + {args.n} "
-        f"fine-tunes = {size / 1e9:.2f} GB read, --shard-size {args.shard_size / 1e6:.0f}MB"
+        f"fine-tunes = {size / 1e9:.2f} GB read, --shard-size {args.shard_size / 1e6:.0f}MB; "
+        f"Ray workers warmed first (start + imports: {warmup:.1f}s)"
     )
     return (
         title
         + "\n\n"
         + table(["case", "wall s", "GB/s read", "speed-up", "shards", "same bytes"], rows)
     )
+
+
+def _warm(_: int = 0) -> int:
+    """Start a worker and import what a shard task imports (timed apart from the merges)."""
+    import negmerge_cli.ray_backend  # noqa: F401
+
+    time.sleep(0.5)  # hold the worker, so that the next call starts another
+    return os.getpid()
+
+
+_warm_worker = None
 
 
 def _threads() -> int:
@@ -172,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} CPUs, load average {load()}", flush=True)
     started = time.perf_counter()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    global _warm_worker
+    _warm_worker = ray.remote(_warm)
     print(f"ray.init (local, {args.cpus} CPUs): {time.perf_counter() - started:.1f}s\n")
     try:
-        if not args.skip_merge:
-            print(bench_merge(args, data, ray) + "\n", flush=True)
+        # The sweep first: its first Ray pass is on workers that have imported nothing.
         if not args.skip_sweep:
             print(bench_sweep(args, data) + "\n", flush=True)
+        if not args.skip_merge:
+            print(bench_merge(args, data, ray) + "\n", flush=True)
     finally:
         ray.shutdown()
         if not args.keep_data:
