@@ -185,7 +185,8 @@ class RaySweepProgress:
         self.stream.flush()
 
     def event(self, label: str, message: str) -> None:
-        self._write(f"[{self.status()}] {label}: {message}")
+        # On a terminal the status line under the events already says where the sweep is.
+        self._write(f"{label}: {message}" if self.tty else f"[{self.status()}] {label}: {message}")
 
     def tick(self) -> None:
         """Redraw the status line (a terminal only; a log file gets the events)."""
