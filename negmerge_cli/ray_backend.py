@@ -19,7 +19,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from negmerge_cli.engine import (
     select_merged,
     signals_as_errors,
 )
-from negmerge_cli.errors import NegmergeError, OutputError, UsageError
+from negmerge_cli.errors import Interrupted, NegmergeError, OutputError, UsageError
 from negmerge_cli.io import TensorInfo, file_identity
 from negmerge_cli.io.writer import (
     SafetensorsWriter,
@@ -213,6 +213,63 @@ def _failure(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
+CANCEL_WAIT_S = 10.0
+
+
+class StopRequest:
+    """Set by SIGINT or SIGTERM; the driver raises :class:`Interrupted` at a safe point."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:  # a second signal: do not wait for the loop
+            raise Interrupted(f"stopped by {name}")
+        self.signal = name
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise Interrupted(f"stopped by {self.signal}; no output was written")
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[StopRequest]:
+    """SIGINT and SIGTERM only note the request while the driver talks to Ray: an exception
+    raised inside a Ray call (``ray.get`` as a result arrives) can leave Ray's task
+    bookkeeping inconsistent, and Ray 2.60 then aborts the driver ("Tried to complete task
+    that was not pending") instead of letting it cancel the tasks."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, stop.handle)
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def cancel_and_wait(ray: Any, refs: list[Any]) -> None:
+    """Stop tasks in flight and wait until they are gone, so that none writes after the
+    driver has cleaned up. A plain cancel raises KeyboardInterrupt in the task, which
+    removes its temp file on the way out; a task still running after a while is killed
+    (killing first can crash Ray 2.60's driver when the kill races a retry)."""
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=False)
+    with contextlib.suppress(Exception):
+        _, refs = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+    with contextlib.suppress(Exception):
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+
+
 def _run_all(
     ray: Any, calls: list[Any], workers: int | None, progress_sizes: list[int], progress: Progress
 ) -> list[Any]:
@@ -223,23 +280,20 @@ def _run_all(
     queue = list(enumerate(calls))
     limit = workers or len(calls) or 1
     try:
-        while queue or pending:
-            while queue and len(pending) < limit:
-                index, call = queue.pop(0)
-                pending[call()] = index
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                index = pending.pop(ref)
-                results[index] = _get(ray, ref)
-                progress.advance(progress_sizes[index])
+        with signals_deferred() as stop:
+            while queue or pending:
+                while queue and len(pending) < limit:
+                    index, call = queue.pop(0)
+                    pending[call()] = index
+                stop.check()
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                stop.check()
+                for ref in done:
+                    index = pending.pop(ref)
+                    results[index] = _get(ray, ref)
+                    progress.advance(progress_sizes[index])
     except BaseException:
-        for ref in pending:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-        # Wait until the cancelled tasks are gone, so that none of them writes after the
-        # driver has cleaned the folder up.
-        with contextlib.suppress(Exception):
-            ray.wait(list(pending), num_returns=len(pending), timeout=60)
+        cancel_and_wait(ray, list(pending))
         raise
     return [results[i] for i in range(len(calls))]
 

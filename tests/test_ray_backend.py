@@ -139,3 +139,31 @@ def test_an_output_folder_the_workers_cannot_see_is_refused(cluster, tmp_path):
     assert "Ray workers cannot see this folder" in done.stdout
     assert list(private.iterdir()) == []
     assert OutputError  # the error class the driver raised
+
+
+def test_sigterm_during_a_ray_merge_exits_130_and_leaves_nothing(cluster, tmp_path):
+    generator = torch.Generator().manual_seed(2)
+    model = {f"layer{i}": torch.randn(256, 256, generator=generator) for i in range(4)}
+    base, tunes = make_family(tmp_path, model, 6)
+    out = tmp_path / "out"
+    address = cluster.address_info["address"]
+    command = [
+        sys.executable, "-m", "negmerge_cli", "merge", str(base), *map(str, tunes),
+        "-o", str(out), "--shard-size", "300KB", "--backend", "ray", "--workers", "1",
+        "--address", address, "-q",
+    ]  # fmt: skip
+    # A slow merge: the smallest chunks make every shard take a while.
+    env = {**os.environ, "NEGMERGE_DEBUG": ""}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(out.glob("*.safetensors")):
+        if process.poll() is not None:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the merge finished before the signal arrived")
+    assert process.returncode == 130, stderr
+    assert "stopped by SIGTERM" in stderr
+    assert not out.exists()
