@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from negmerge_cli.errors import CheckpointError, ConfigError, UsageError
 from negmerge_cli.recipes import ModelConfig, Recipe, TrainConfig
 from negmerge_cli.train.loop import TrainResult, autocast, lr_factor, resolve_device
+from negmerge_cli.train.sweep import StartingPoint, SweepJob
 from negmerge_cli.train.vision import ImageDataset, ImageSet, limited, split_validation
 
 WEIGHT_FILES = (
@@ -269,11 +270,15 @@ def heads_path(recipe: Recipe) -> Path:
 
 def read_heads(recipe: Recipe) -> dict[str, tuple[torch.Tensor, list[str]]]:
     """The saved heads by dataset name, with the class names they were built from."""
-    from safetensors import safe_open
-
     path = heads_path(recipe)
     if not path.is_file():
         raise UsageError(f"{path}: the zero-shot heads are missing; run the sweep first")
+    return _read_heads_file(path)
+
+
+def _read_heads_file(path: Path) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    from safetensors import safe_open
+
     out = {}
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
@@ -385,43 +390,101 @@ def _write_heads(recipe: Recipe, heads: dict[str, tuple[torch.Tensor, list[str]]
     save_state_dict(tensors, heads_path(recipe), metadata=meta, force=True)
 
 
-def prepare_zeroshot(recipe: Recipe, device: torch.device, progress: Any) -> None:
-    """Write the zero-shot image encoder and the heads once (skipped when already there)."""
-    from negmerge_cli.evaluate.templates import templates_for
-    from negmerge_cli.train.sweep import read_run, write_run
+def clip_jobs(recipe: Recipe) -> list[SweepJob]:
+    """The CLIP sweep as jobs, in the order the local backend runs them: the zero-shot base
+    (image encoder and heads, written once for every seed), then every seed's fine-tunes,
+    which start from it. The class names are read here (cheap): a missing name file fails
+    before any model loads."""
+    from negmerge_cli.train.sweep import derive_seed, run_dir
 
-    folder = recipe.output / "zeroshot"
     weights = resolve_weights(recipe.model)
-    info = _zeroshot_info(recipe, weights)
-    done = read_run(folder)
     tasks = [recipe.data.dataset, recipe.data.control or "imagenet"]
-    # Class names first (cheap): a missing name file fails before the model loads, and
-    # heads built from other names (a new class-name file) are rebuilt.
     names_of = {
         task: class_names_of(recipe, task_splits(recipe, task).train_images, control=i == 1)
         for i, task in enumerate(tasks)
     }
-    if done is not None and (folder / "model.safetensors").is_file():
-        if done.get("model") != info["model"]:
-            raise UsageError(
-                f"{folder}: holds the zero-shot encoder of other weights ({done.get('model')}); "
-                "delete it or choose another output folder"
-            )
-        if heads_path(recipe).is_file():
-            saved = read_heads(recipe)
-            if all(t in saved and saved[t][1] == names_of[t] for t in tasks):
-                return
+    folder = recipe.output / "zeroshot"
+    expect = {"model": _expected_model(folder, _zeroshot_info(recipe, weights)["model"]),
+              "heads": names_of}  # fmt: skip
+    jobs = [SweepJob("zeroshot", 0, "zeroshot", "zero-shot base", folder, recipe.pretrain, 0,
+                     expect=expect)]  # fmt: skip
+    # A run depends on the head it was trained under: its class names are part of its identity.
+    names_digest = hashlib.sha256(json.dumps(names_of[tasks[0]]).encode()).hexdigest()[:16]
+    extra = {
+        "finetune": recipe.model.finetune,
+        "dataset": recipe.data.dataset,
+        "class_names_sha256": names_digest,
+    }
+    for seed in recipe.seeds:
+        for run in recipe.sweep.runs:
+            label = f"seed {seed} run {run.run_id}"
+            jobs.append(SweepJob("finetune", seed, run.run_id, label, run_dir(recipe, seed, run),
+                                 run.params, derive_seed(seed, run.run_id), dict(run.varied),
+                                 extra))  # fmt: skip
+    return jobs
+
+
+def _expected_model(folder: Path, model: dict[str, Any]) -> dict[str, Any]:
+    """``model`` as the saved zero-shot base names it when only the spelling of the weights
+    path differs (relative on one run, absolute on the Ray driver) and it is the same file."""
+    from negmerge_cli.train.sweep import read_run
+
+    saved = (read_run(folder) or {}).get("model")
+    if (
+        isinstance(saved, dict)
+        and saved != model
+        and {**saved, "weights": model["weights"]} == model
+    ):
+        try:
+            if os.path.samefile(saved["weights"], model["weights"]):
+                return saved
+        except (OSError, TypeError):
+            pass
+    return model
+
+
+def zeroshot_is_finished(job: SweepJob) -> bool:
+    """True when the zero-shot base is there, from the recipe's weights, with heads built
+    from the recipe's class names; an error when it was extracted from other weights."""
+    from negmerge_cli.train.sweep import MODEL_FILE, read_run
+
+    done = read_run(job.folder)
+    if done is None or not (job.folder / MODEL_FILE).is_file():
+        return False
+    if done.get("model") != job.expect["model"]:
+        raise UsageError(
+            f"{job.folder}: holds the zero-shot encoder of other weights ({done.get('model')}); "
+            "delete it or choose another output folder"
+        )
+    heads = job.folder.parent / HEADS_FILE
+    if not heads.is_file():
+        return False
+    saved = _read_heads_file(heads)
+    return all(t in saved and saved[t][1] == names for t, names in job.expect["heads"].items())
+
+
+def run_zeroshot_job(recipe: Recipe, job: SweepJob, progress: Any) -> TrainResult | None:
+    """Write the zero-shot image encoder and the heads (None when already there). Heads
+    built from other class names are rebuilt; the encoder is kept."""
+    from negmerge_cli.evaluate.templates import templates_for
+    from negmerge_cli.train.sweep import MODEL_FILE, read_run, write_run
+
+    if zeroshot_is_finished(job):
+        return None
+    began = time.perf_counter()
+    device = resolve_device(recipe.device)
+    weights = resolve_weights(recipe.model)
     progress.note(f"zero-shot: loading {recipe.model.name} from {weights}")
     model = create_clip(recipe.model)
     heads = {}
-    for task in tasks:
-        names = names_of[task]
+    for task, names in job.expect["heads"].items():
         head = build_head(model, names, templates_for(task), device, recipe.model.name)
         heads[task] = (head, names)
         progress.note(f"zero-shot: head for {task} ({len(names)} classes)")
     _write_heads(recipe, heads)
-    if done is None or not (folder / "model.safetensors").is_file():
-        write_run(folder, encoder_state(model.visual), info)
+    if read_run(job.folder) is None or not (job.folder / MODEL_FILE).is_file():
+        write_run(job.folder, encoder_state(model.visual), _zeroshot_info(recipe, weights))
+    return TrainResult(math.nan, math.nan, time.perf_counter() - began)
 
 
 def load_encoder(recipe: Recipe, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -438,6 +501,89 @@ def load_encoder(recipe: Recipe, state: dict[str, torch.Tensor]) -> nn.Module:
     return encoder.float()
 
 
+@dataclass
+class ClipStart(StartingPoint):
+    """What every fine-tune of a CLIP sweep starts from, loaded once per process: the
+    zero-shot encoder (``model``, reset to ``state`` before each run), the task's head,
+    its training images and their preprocessing."""
+
+    head: torch.Tensor
+    splits: TaskSplits
+    size: int
+    normalizer: Normalizer
+
+
+def load_clip_start(recipe: Recipe) -> ClipStart:
+    """Load the zero-shot base (it must exist) for the fine-tunes."""
+    from negmerge_cli.io import load_state_dict
+    from negmerge_cli.train.sweep import file_sha256, pretrained_path
+
+    device = resolve_device(recipe.device)
+    base_file = pretrained_path(recipe, 0)
+    base_sha = file_sha256(base_file)
+    base_state = load_state_dict(base_file)
+    head, _names = read_heads(recipe)[recipe.data.dataset]
+    splits = task_splits(recipe, recipe.data.dataset)
+    shape_model = create_clip(recipe.model, load_weights=False)
+    size = image_size(shape_model)
+    mean, std = image_stats(shape_model)
+    del shape_model
+    # One encoder module for the process, reset to the zero-shot weights before each run
+    # (building a large open_clip model from scratch takes seconds).
+    encoder = load_encoder(recipe, base_state).to(device)
+    return ClipStart(base_sha, encoder, base_state, head, splits, size,
+                     Normalizer(mean, std, device))  # fmt: skip
+
+
+def run_clip_finetune(
+    recipe: Recipe,
+    job: SweepJob,
+    start: ClipStart,
+    progress: Any,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Fine-tune the zero-shot encoder (full or linearized) once and write the run."""
+    from negmerge_cli.train.linearize import LinearizedModel
+    from negmerge_cli.train.sweep import _now, _run_info, write_run
+
+    device = start.normalizer.device
+    torch.manual_seed(job.train_seed)
+    encoder = start.model
+    encoder.load_state_dict(start.state)
+    trained_module: nn.Module = encoder
+    if recipe.model.finetune == "linear":
+        trained_module = LinearizedModel(encoder)
+    dataset = ImageDataset(
+        start.splits.train_images, start.splits.train, train_transform(start.size, job.params)
+    )
+    loader = make_loader(
+        dataset, job.params.batch_size, recipe.workers, device, seed=job.train_seed
+    )
+
+    def report(epoch: int, epochs: int, loss: float) -> None:
+        progress.epoch(epoch, epochs, loss)
+        if on_epoch is not None:
+            on_epoch(epoch, epochs, loss)
+
+    begun = _now()
+    result = finetune_encoder(
+        trained_module, start.head, loader, job.params, start.normalizer, recipe.precision, report
+    )
+    info = _run_info(
+        "finetune", job.run_id, job.seed, job.train_seed, job.params, result, len(dataset),
+        begun, dict(job.varied), start.sha256,
+    )  # fmt: skip
+    info.update(job.expect)
+    write_run(job.folder, encoder_state(encoder), info)
+    progress.finish(
+        f"done in {result.seconds:.1f}s (loss {result.loss:.3f}, train acc {result.accuracy:.3f})"
+    )
+    del trained_module, loader
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
 def run_clip_sweep(
     recipe: Recipe,
     *,
@@ -445,108 +591,41 @@ def run_clip_sweep(
     stream: TextIO | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> Any:
-    """Zero-shot encoder and heads once, then every (seed, run) fine-tune of the task."""
-    from negmerge_cli.io import load_state_dict
-    from negmerge_cli.train.linearize import LinearizedModel
+    """Zero-shot encoder and heads once, then every (seed, run) fine-tune of the task: the
+    jobs of :func:`clip_jobs` one after another, as the Ray backend runs them as tasks."""
     from negmerge_cli.train.sweep import (
         SweepProgress,
         SweepSummary,
-        _check_reusable,
-        _now,
-        _run_info,
-        derive_seed,
-        file_sha256,
-        read_run,
         remove_leftovers,
-        run_dir,
+        run_job,
         seed_dir,
-        write_run,
     )
 
     started = time.perf_counter()
-    device = resolve_device(recipe.device)
+    resolve_device(recipe.device)  # a missing GPU fails before any work
     progress = SweepProgress(stream, quiet)
     progress.begin(len(recipe.sweep.runs) * len(recipe.seeds))
     recipe.output.mkdir(parents=True, exist_ok=True)
-    prepare_zeroshot(recipe, device, progress)
-
-    base_file = recipe.output / "zeroshot" / "model.safetensors"
-    base_sha = file_sha256(base_file)
-    base_state = load_state_dict(base_file)
-    head, head_names = read_heads(recipe)[recipe.data.dataset]
-    splits = task_splits(recipe, recipe.data.dataset)
-    shape_model = create_clip(recipe.model, load_weights=False)
-    size = image_size(shape_model)
-    mean, std = image_stats(shape_model)
-    del shape_model
-    normalizer = Normalizer(mean, std, device)
-    # One encoder module for the whole sweep, reset to the zero-shot weights before each run
-    # (building a large open_clip model from scratch takes seconds).
-    encoder = load_encoder(recipe, base_state).to(device)
-    # A run depends on the head it was trained under: its class names are part of its identity.
-    names_digest = hashlib.sha256(json.dumps(head_names).encode()).hexdigest()[:16]
-    extra = {
-        "finetune": recipe.model.finetune,
-        "dataset": recipe.data.dataset,
-        "class_names_sha256": names_digest,
-    }
-
+    start: ClipStart | None = None
+    cleaned: set[int] = set()
     trained = skipped = 0
-    for seed in recipe.seeds:
-        root = seed_dir(recipe, seed)
-        for folder in (root, root / "runs"):
-            for leftover in remove_leftovers(folder):
-                progress.note(f"removed the leftover of an interrupted run: {leftover}")
-        for run in recipe.sweep.runs:
-            folder = run_dir(recipe, seed, run)
-            progress.start(f"seed {seed} run {run.run_id}")
-            if _check_reusable(folder, run.params, seed, base_sha):
-                info = read_run(folder) or {}
-                if any(info.get(k) != v for k, v in extra.items()):
-                    raise UsageError(
-                        f"{folder}: holds a run of another task, fine-tuning mode or class "
-                        f"names ({info.get('dataset')}, {info.get('finetune')}); delete it "
-                        "or choose another output folder"
-                    )
-                progress.finish("finished earlier, skipped")
-                skipped += 1
-                continue
-            train_seed = derive_seed(seed, run.run_id)
-            torch.manual_seed(train_seed)
-            encoder.load_state_dict(base_state)
-            trained_module: nn.Module = encoder
-            if recipe.model.finetune == "linear":
-                trained_module = LinearizedModel(encoder)
-            dataset = ImageDataset(
-                splits.train_images, splits.train, train_transform(size, run.params)
-            )
-            loader = make_loader(
-                dataset, run.params.batch_size, recipe.workers, device, seed=train_seed
-            )
-
-            def report(epoch: int, epochs: int, loss: float) -> None:
-                progress.epoch(epoch, epochs, loss)
-                if on_epoch is not None:
-                    on_epoch(epoch, epochs, loss)
-
-            begun = _now()
-            result = finetune_encoder(
-                trained_module, head, loader, run.params, normalizer, recipe.precision, report
-            )
-            info = _run_info(
-                "finetune", run.run_id, seed, train_seed, run.params, result, len(dataset),
-                begun, dict(run.varied), base_sha,
-            )  # fmt: skip
-            info.update(extra)
-            write_run(folder, encoder_state(encoder), info)
-            progress.finish(
-                f"done in {result.seconds:.1f}s (loss {result.loss:.3f}, "
-                f"train acc {result.accuracy:.3f})"
-            )
+    for job in clip_jobs(recipe):
+        if job.kind == "zeroshot":
+            run_job(recipe, job, None, progress)
+            continue
+        if start is None:
+            start = load_clip_start(recipe)
+        if job.seed not in cleaned:
+            cleaned.add(job.seed)
+            root = seed_dir(recipe, job.seed)
+            for folder in (root, root / "runs"):
+                for leftover in remove_leftovers(folder):
+                    progress.note(f"removed the leftover of an interrupted run: {leftover}")
+        progress.start(job.label)
+        if run_job(recipe, job, None, progress, start, on_epoch) is None:
+            skipped += 1
+        else:
             trained += 1
-            del trained_module, loader
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     seconds = time.perf_counter() - started
     progress.note(
         f"sweep: {trained} run(s) trained, {skipped} skipped (finished earlier) "

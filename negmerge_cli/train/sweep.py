@@ -360,7 +360,9 @@ class SweepJob:
 
     ``kind`` is ``pretrain`` (trains ``data.train`` from the seed's initialisation),
     ``retrain`` (``data.retain``, the reference) or ``finetune`` (``data.forget``, starting
-    from the seed's pre-trained model, so it waits for ``pretrain``).
+    from the seed's pre-trained model, so it waits for ``pretrain``). A CLIP sweep has a
+    ``zeroshot`` job (the zero-shot image encoder and heads, shared by every seed) and
+    ``finetune`` jobs (the task's training images) that wait for it.
     """
 
     kind: str
@@ -372,11 +374,32 @@ class SweepJob:
     params: TrainConfig
     train_seed: int
     varied: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    expect: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """What else identifies the run (CLIP: a fine-tune's task, fine-tuning mode and class
+    names, recorded in its run.json; the zero-shot base's weights and heads' class names):
+    a finished run that differs is refused rather than reused."""
+
+
+def sweep_jobs(recipe: Recipe) -> list[SweepJob]:
+    """Every run of the sweep, in the order the local backend runs them: each seed's
+    :func:`seed_jobs`; for CLIP the zero-shot base first, then every seed's fine-tunes.
+
+    A fine-tune starts from :func:`pretrained_path`, which the seed's ``pretrain`` job (or
+    CLIP's ``zeroshot`` job) writes as its model file; without such a job it is on disk.
+    """
+    if recipe.model.arch == "clip":
+        from negmerge_cli.train.clip import clip_jobs
+
+        return clip_jobs(recipe)
+    return [job for seed in recipe.seeds for job in seed_jobs(recipe, seed)]
 
 
 def seed_jobs(recipe: Recipe, seed: int) -> list[SweepJob]:
     """Every run one seed needs, in the order the local backend runs them: pre-train (when
-    the recipe has no pre-trained file), retrain (when asked), then each fine-tune."""
+    the recipe has no pre-trained file), retrain (when asked), then each fine-tune (for
+    CLIP only the fine-tunes; the zero-shot base they start from is in :func:`sweep_jobs`)."""
+    if recipe.model.arch == "clip":
+        return [j for j in sweep_jobs(recipe) if j.kind == "finetune" and j.seed == seed]
     root = seed_dir(recipe, seed)
     jobs = []
     if recipe.model.pretrained is None:
@@ -402,15 +425,24 @@ class StartingPoint:
 
 
 def load_starting_point(recipe: Recipe, seed: int) -> StartingPoint:
-    """Load the seed's pre-trained model (it must exist) and note its SHA-256."""
+    """Load the seed's pre-trained model (it must exist) and note its SHA-256 (for CLIP,
+    the zero-shot encoder with the task's head and images:
+    :func:`negmerge_cli.train.clip.load_clip_start`)."""
+    if recipe.model.arch == "clip":
+        from negmerge_cli.train.clip import load_clip_start
+
+        return load_clip_start(recipe)
     path = pretrained_path(recipe, seed)
     sha = file_sha256(path)
     model = load_model_weights(recipe, path)
     return StartingPoint(sha, model, {k: v.clone() for k, v in model.state_dict().items()})
 
 
-def sweep_data(recipe: Recipe) -> UnlearningData:
-    """The data every run of ``recipe`` trains on (each backend's process loads it once)."""
+def sweep_data(recipe: Recipe) -> UnlearningData | None:
+    """The data every run of ``recipe`` trains on (each backend's process loads it once);
+    None for CLIP, whose runs read their images from the data folders as they train."""
+    if recipe.model.arch == "clip":
+        return None
     return load_data(recipe.data)
 
 
@@ -418,15 +450,28 @@ def job_is_finished(job: SweepJob, base_sha256: str | None = None) -> bool:
     """True when ``job`` finished earlier with the recipe's settings (skip it); an error
     when its folder holds a run made differently. A fine-tune needs the SHA-256 of the
     model it starts from."""
+    if job.kind == "zeroshot":
+        from negmerge_cli.train.clip import zeroshot_is_finished
+
+        return zeroshot_is_finished(job)
     if job.kind == "finetune" and base_sha256 is None:
         raise ValueError("a fine-tune is checked against the model it starts from")
-    return _check_reusable(job.folder, job.params, job.seed, base_sha256)
+    if not _check_reusable(job.folder, job.params, job.seed, base_sha256):
+        return False
+    info = read_run(job.folder) or {} if job.expect else {}
+    if any(info.get(k) != v for k, v in job.expect.items()):
+        raise UsageError(
+            f"{job.folder}: holds a run of another task, fine-tuning mode or class "
+            f"names ({info.get('dataset')}, {info.get('finetune')}); delete it "
+            "or choose another output folder"
+        )
+    return True
 
 
 def run_job(
     recipe: Recipe,
     job: SweepJob,
-    data: UnlearningData,
+    data: UnlearningData | None,
     progress: SweepProgress,
     start: StartingPoint | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
@@ -434,14 +479,25 @@ def run_job(
     """Train and write one run unless it finished earlier; None when it was skipped.
 
     A fine-tune loads its starting point from disk unless ``start`` is given. The caller
-    announces the run with ``progress.start``.
+    announces the run with ``progress.start`` (not CLIP's zero-shot base, which only
+    notes what it does).
     """
+    if job.kind == "zeroshot":
+        from negmerge_cli.train.clip import run_zeroshot_job
+
+        return run_zeroshot_job(recipe, job, progress)
     if job.kind == "finetune" and start is None:
         start = load_starting_point(recipe, job.seed)
     base_sha256 = start.sha256 if job.kind == "finetune" and start is not None else None
     if job_is_finished(job, base_sha256):
         progress.finish("finished earlier, skipped")
         return None
+    if recipe.model.arch == "clip":
+        from negmerge_cli.train.clip import ClipStart, run_clip_finetune
+
+        assert isinstance(start, ClipStart) and job.kind == "finetune"
+        return run_clip_finetune(recipe, job, start, progress, on_epoch)
+    assert data is not None
     if job.kind == "finetune":
         assert start is not None
         model = start.model
