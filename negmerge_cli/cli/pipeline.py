@@ -130,10 +130,6 @@ def _sweep(recipe: Any, quiet: bool, backend: str = "local", address: str | None
     stopped = (
         f"sweep interrupted; finished runs in {recipe.output} are kept, run it again to resume"
     )
-    if backend == "ray" and recipe.model.arch == "clip":
-        raise UsageError(
-            "--backend ray does not run CLIP recipes yet; use --backend local (one GPU)"
-        )
     if backend == "ray":
         from negmerge_cli.train.ray_sweep import failure_error, run_sweep_on_ray
 

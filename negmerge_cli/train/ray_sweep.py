@@ -1,14 +1,17 @@
 """The fine-tuning sweep on a Ray cluster: one Ray task per run, the driver keeps the order.
 
-Each run of the sweep (a seed's pre-training, its retrained reference, every fine-tune) is
-one Ray task asking for the recipe's ``resources`` (``cpus``, ``gpus``); a seed's
-fine-tunes are submitted once its pre-trained model exists. A task runs exactly what the
-local backend runs for that run (:func:`negmerge_cli.train.sweep.run_job`), so the
-checkpoints are the same bytes, and writes it the same way: into ``.tmp-<run>-<pid>/``,
-renamed into place when complete. Hence the same resumability: finished runs are skipped
-(checked on the driver before submitting, and again by the task), a run whose worker died
-is started again up to ``resources.retries`` times and first removes what the dead attempt
-left, and a run that fails for good is listed in the summary while the others go on.
+Each run of the sweep (a seed's pre-training, its retrained reference, every fine-tune; for
+CLIP the zero-shot base and every fine-tune) is one Ray task asking for the recipe's
+``resources`` (``cpus``, ``gpus``); a fine-tune is submitted once the model it starts from
+exists (its seed's pre-trained model, or CLIP's zero-shot encoder shared by every seed).
+A task runs exactly what the local backend runs for that run
+(:func:`negmerge_cli.train.sweep.run_job`), so the checkpoints are the same bytes, and
+writes it the same way: into ``.tmp-<run>-<pid>/``, renamed into place when complete.
+Hence the same resumability: finished runs are skipped (checked on the driver before
+submitting, and again by the task), a run whose worker died is started again up to
+``resources.retries`` times and first removes what the dead attempt left, and a run that
+fails for good is listed in the summary while the others go on (with the fine-tunes that
+start from its model, when it is a pre-training or a zero-shot base).
 
 The output folder must be on storage every node mounts at the same path: the driver checks
 that a task sees it before any work. Paths in the recipe are made absolute on the driver,
@@ -33,10 +36,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from negmerge_cli.errors import NegmergeError, RunsFailed, UsageError
+from negmerge_cli.errors import NegmergeError, RunsFailed
 from negmerge_cli.ray_backend import RayError, check_shared_folder, connect
 from negmerge_cli.recipes import Recipe, ResourcesConfig
 from negmerge_cli.train.sweep import (
+    MODEL_FILE,
     SweepJob,
     SweepProgress,
     SweepSummary,
@@ -46,14 +50,16 @@ from negmerge_cli.train.sweep import (
     remove_run_leftovers,
     run_job,
     seed_dir,
-    seed_jobs,
     sweep_data,
+    sweep_jobs,
 )
 
 TASK_PREFIX = "negmerge-sweep"
 """Ray task names (and worker process titles, ``ray::negmerge-sweep seed 0 run 03-...``)."""
 
 SLOTS_REFRESH_S = 10.0
+BASE_KINDS = {"pretrain": "pre-training", "zeroshot": "zero-shot base"}
+"""Jobs whose model other jobs start from, and how a failure of one is named."""
 CANCEL_WAIT_S = 10.0
 
 
@@ -64,6 +70,8 @@ _DATA: dict[str, Any] = {}
 
 def _data_for(recipe: Recipe) -> Any:
     """The recipe's data, loaded once per worker process (workers are reused by Ray)."""
+    if recipe.model.arch == "clip":
+        return None  # CLIP runs read their images as they train
     key = repr((recipe.data, recipe.model))
     if key not in _DATA:
         _DATA.clear()
@@ -237,11 +245,6 @@ def run_sweep_on_ray(
     Example:
         >>> run_sweep_on_ray(load_recipe("digits"), address="auto")  # doctest: +SKIP
     """
-    if recipe.model.arch == "clip":
-        # Its zero-shot encoder is extracted once for every seed, outside the job list.
-        raise UsageError(
-            "the Ray backend does not run CLIP recipes yet; use --backend local (the default)"
-        )
     started = time.perf_counter()
     recipe = absolute_paths(recipe)
     ray = connect(address)
@@ -254,8 +257,8 @@ def run_sweep_on_ray(
             with contextlib.suppress(OSError):
                 recipe.output.rmdir()
         raise
-    jobs = {seed: seed_jobs(recipe, seed) for seed in recipe.seeds}
-    total = sum(len(j) for j in jobs.values())
+    jobs = sweep_jobs(recipe)
+    total = len(jobs)
     slots = run_slots(ray, recipe.resources, total)
     progress = RaySweepProgress(total, stream, quiet)
     progress.note(
@@ -263,8 +266,7 @@ def run_sweep_on_ray(
         f"each with {recipe.resources.cpus:g} CPU(s) and {recipe.resources.gpus:g} GPU(s)"
     )
     driver = _Driver(ray, recipe, progress, slots)
-    for seed, seed_list in jobs.items():
-        driver.add_seed(seed, seed_list)
+    driver.add(jobs)
     driver.run()
     seconds = time.perf_counter() - started
     progress.note(
@@ -319,8 +321,8 @@ def _signals_deferred() -> Iterator[_StopRequest]:
 
 
 class _Driver:
-    """Submits ready jobs, at most ``slots`` in flight, and releases a seed's fine-tunes
-    once its pre-trained model is there."""
+    """Submits ready jobs, at most ``slots`` in flight, and releases the fine-tunes once
+    the model they start from is there (written by a job of :data:`BASE_KINDS`, or given)."""
 
     def __init__(self, ray: Any, recipe: Recipe, progress: RaySweepProgress, slots: int) -> None:
         self.ray = ray
@@ -328,7 +330,8 @@ class _Driver:
         self.progress = progress
         self.slots = slots
         self.ready: deque[SweepJob] = deque()
-        self.waiting: dict[int, list[SweepJob]] = {}
+        self.waiting: dict[Path, list[SweepJob]] = {}
+        """Fine-tunes by the model file they start from."""
         self.running: dict[Any, SweepJob] = {}
         self.failed: list[tuple[str, str]] = []
         resources = recipe.resources
@@ -342,14 +345,18 @@ class _Driver:
         self.recipe_ref = ray.put(recipe)
         self.total = 0
 
-    def add_seed(self, seed: int, jobs: list[SweepJob]) -> None:
+    def add(self, jobs: list[SweepJob]) -> None:
         self.total += len(jobs)
-        first = [j for j in jobs if j.kind != "finetune"]
-        self.waiting[seed] = [j for j in jobs if j.kind == "finetune"]
-        for job in first:
-            self._offer(job)
-        if not any(j.kind == "pretrain" for j in first):
-            self._release(seed)
+        for job in jobs:
+            if job.kind == "finetune":
+                self.waiting.setdefault(pretrained_path(self.recipe, job.seed), []).append(job)
+        made = {j.folder / MODEL_FILE for j in jobs if j.kind in BASE_KINDS}
+        for job in jobs:
+            if job.kind != "finetune":
+                self._offer(job)
+        for path in list(self.waiting):
+            if path not in made:  # the recipe's own file
+                self._release(path)
 
     def _fail(self, job: SweepJob, reason: str) -> None:
         self.failed.append((job.label, reason))
@@ -362,22 +369,23 @@ class _Driver:
             finished = job_is_finished(job, base_sha256)
         except NegmergeError as exc:
             self._fail(job, str(exc))
+            self._abandon(job)
             return
         if finished:
             self.progress.skipped += 1
             self.progress.event(job.label, "finished earlier, skipped")
-            if job.kind == "pretrain":
-                self._release(job.seed)
+            if job.kind in BASE_KINDS:
+                self._release(job.folder / MODEL_FILE)
         else:
             self.ready.append(job)
 
-    def _release(self, seed: int) -> None:
-        """The seed's pre-trained model exists: its fine-tunes can go."""
-        jobs = self.waiting.pop(seed, [])
+    def _release(self, path: Path) -> None:
+        """The model at ``path`` exists: the fine-tunes starting from it can go."""
+        jobs = self.waiting.pop(path, [])
         if not jobs:
             return
         try:
-            base_sha = file_sha256(pretrained_path(self.recipe, seed))
+            base_sha = file_sha256(path)
         except OSError as exc:
             for job in jobs:
                 self._fail(job, f"cannot read the pre-trained model: {exc}")
@@ -385,9 +393,12 @@ class _Driver:
         for job in jobs:
             self._offer(job, base_sha)
 
-    def _abandon(self, seed: int, reason: str) -> None:
-        for job in self.waiting.pop(seed, []):
-            self._fail(job, reason)
+    def _abandon(self, job: SweepJob) -> None:
+        """``job`` failed for good: so do the fine-tunes that start from its model."""
+        if job.kind in BASE_KINDS:
+            reason = f"its {BASE_KINDS[job.kind]} failed ({job.label})"
+            for waiting in self.waiting.pop(job.folder / MODEL_FILE, []):
+                self._fail(waiting, reason)
 
     def _submit(self) -> None:
         while self.ready and len(self.running) < self.slots:
@@ -405,24 +416,22 @@ class _Driver:
             outcome = self.ray.get(ref)
         except Exception as exc:  # a task's error or Ray's: this run failed for good
             self._fail(job, _reason(self.ray, exc, self.recipe.resources.retries))
-            if job.kind == "pretrain":
-                self._abandon(job.seed, f"its pre-training failed ({job.label})")
+            self._abandon(job)
             return
         for leftover in outcome["removed"]:
             self.progress.note(f"removed the leftover of an interrupted run: {leftover}")
         if outcome["trained"]:
             self.progress.trained += 1
             metrics = outcome["metrics"]
-            self.progress.event(
-                job.label,
-                f"done in {metrics['seconds']:.1f}s on {outcome['host']} (loss "
-                f"{metrics['loss']:.3f}, train acc {metrics['accuracy']:.3f})",
-            )
+            message = f"done in {metrics['seconds']:.1f}s on {outcome['host']}"
+            if job.kind != "zeroshot":  # extracted, not trained
+                message += f" (loss {metrics['loss']:.3f}, train acc {metrics['accuracy']:.3f})"
+            self.progress.event(job.label, message)
         else:  # finished by an attempt whose worker died after the rename
             self.progress.skipped += 1
             self.progress.event(job.label, "finished earlier, skipped")
-        if job.kind == "pretrain":
-            self._release(job.seed)
+        if job.kind in BASE_KINDS:
+            self._release(job.folder / MODEL_FILE)
 
     def run(self) -> None:
         refreshed = time.monotonic()
