@@ -319,15 +319,6 @@ def test_imagenet_folders_named_by_wordnet_id_need_a_class_name_file(tiny_world,
         class_names_of(recipe, images, control=True)
 
 
-def test_the_ray_backend_refuses_clip_recipes_with_a_clear_message(tiny_world, tmp_path, cli):
-    pytest.importorskip("ray")
-    recipe = recipe_file(tiny_world, tmp_path / "out")
-    code, _stdout, stderr = cli("sweep", recipe, "--backend", "ray")
-    assert code == 1
-    assert "--backend ray does not run CLIP recipes yet" in stderr
-    assert not (tmp_path / "out").exists()
-
-
 def test_evaluation_images_are_decoded_once_the_same_with_or_without_workers(tiny_world):
     from negmerge_cli.evaluate.zeroshot import decode_images
     from negmerge_cli.train.vision import open_split
