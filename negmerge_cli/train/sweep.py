@@ -458,7 +458,7 @@ def job_is_finished(job: SweepJob, base_sha256: str | None = None) -> bool:
         raise ValueError("a fine-tune is checked against the model it starts from")
     if not _check_reusable(job.folder, job.params, job.seed, base_sha256):
         return False
-    info = read_run(job.folder) or {} if job.expect else {}
+    info = (read_run(job.folder) or {}) if job.expect else {}
     if any(info.get(k) != v for k, v in job.expect.items()):
         raise UsageError(
             f"{job.folder}: holds a run of another task, fine-tuning mode or class "
