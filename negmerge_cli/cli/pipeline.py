@@ -110,7 +110,7 @@ def _stoppable(what: str) -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         raise Interrupted(what) from None
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""

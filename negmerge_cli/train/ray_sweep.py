@@ -26,18 +26,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
 import socket
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from negmerge_cli.errors import NegmergeError, RunsFailed
-from negmerge_cli.ray_backend import RayError, check_shared_folder, connect
+from negmerge_cli.ray_backend import (
+    RayError,
+    cancel_and_wait,
+    check_shared_folder,
+    connect,
+    signals_deferred,
+)
 from negmerge_cli.recipes import Recipe, ResourcesConfig
 from negmerge_cli.train.sweep import (
     MODEL_FILE,
@@ -60,7 +63,6 @@ TASK_PREFIX = "negmerge-sweep"
 SLOTS_REFRESH_S = 10.0
 BASE_KINDS = {"pretrain": "pre-training", "zeroshot": "zero-shot base"}
 """Jobs whose model other jobs start from, and how a failure of one is named."""
-CANCEL_WAIT_S = 10.0
 
 
 # --------------------------------------------------------------------------- worker side
@@ -284,42 +286,6 @@ def run_sweep_on_ray(
     )
 
 
-class _StopRequest:
-    """Set by SIGINT or SIGTERM; the driver loop raises KeyboardInterrupt at a safe point."""
-
-    def __init__(self) -> None:
-        self.signalled = False
-
-    def handle(self, signum: int, frame: object) -> None:
-        if self.signalled:  # a second signal: do not wait for the loop
-            raise KeyboardInterrupt
-        self.signalled = True
-
-    def check(self) -> None:
-        if self.signalled:
-            raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[_StopRequest]:
-    """SIGINT and SIGTERM only note the request while the driver talks to Ray: an
-    exception raised inside a Ray call (``ray.get`` as a result arrives) can leave Ray's
-    task bookkeeping inconsistent, and Ray 2.60 then aborts the driver ("Tried to complete
-    task that was not pending") instead of letting it cancel the tasks."""
-    stop = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for signum in previous:
-        signal.signal(signum, stop.handle)
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 class _Driver:
     """Submits ready jobs, at most ``slots`` in flight, and releases the fine-tunes once
     the model they start from is there (written by a job of :data:`BASE_KINDS`, or given)."""
@@ -436,7 +402,7 @@ class _Driver:
     def run(self) -> None:
         refreshed = time.monotonic()
         try:
-            with _signals_deferred() as stop:
+            with signals_deferred() as stop:
                 self._submit()
                 while self.running:
                     stop.check()
@@ -456,25 +422,9 @@ class _Driver:
             raise
 
     def _cancel(self) -> None:
-        """Stop every task in flight and wait until they are gone, so that none of them
-        writes after the driver has returned.
-
-        A plain cancel raises KeyboardInterrupt inside the task, which removes its temp
-        folder on the way out; a task still there after a while is killed (its leftover
-        is removed by the next attempt at that run). Killing first can crash Ray's driver
-        (2.60: "Tried to complete task that was not pending") when a kill races a retry.
-        """
-        refs = list(self.running)
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                self.ray.cancel(ref, force=False)
-        with contextlib.suppress(Exception):
-            _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                self.ray.cancel(ref, force=True)
-        with contextlib.suppress(Exception):
-            self.ray.wait(refs, num_returns=len(refs), timeout=60)
+        """Stop every task in flight and wait until they are gone (a cancelled task removes
+        its temp folder on the way out; a killed one's leftover goes at the next attempt)."""
+        cancel_and_wait(self.ray, list(self.running))
 
 
 def failure_error(summary: SweepSummary, output: Path) -> RunsFailed:
