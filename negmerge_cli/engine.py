@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import queue
 import re
 import signal
 import threading
@@ -369,37 +370,100 @@ class TaskVectorReader:
         self.bytes_read += (stop - start) * SAFETENSORS_DTYPES[info.dtype].itemsize
         return values
 
-    def read(self, info: TensorInfo, start: int, stop: int) -> Chunk:
-        """One element range of every input as task vectors in the compute dtype.
+    def load(
+        self, info: TensorInfo, start: int, stop: int, slot: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """I/O only: the base's and every fine-tune's values of one element range, in the
+        compute dtype, on the CPU (``[n]`` and ``[N, n]``).
 
-        On the CPU each task vector is formed, and folded into the running minimum and
-        maximum, right after its read, while it is still in cache; the minimum and maximum
-        give the sign-consensus mask and, since NaN and Inf propagate through them, the
-        finiteness check, without another pass over the N task vectors.
+        ``slot`` holds buffers to read into, kept across calls: fresh allocations of this
+        size come from new pages, and their page faults cost more than the reads.
         """
-        base = self.base(info, start, stop)
         count, size = len(self.inputs.finetuned), stop - start
-        taus = torch.empty((count, size), dtype=base.dtype)
-        low = high = None
+        dtype = compute_dtype(info.dtype)
+        if slot is None:
+            base = self.base(info, start, stop)
+            values = torch.empty((count, size), dtype=dtype)
+        else:
+            if dtype not in slot:
+                slot[dtype] = torch.empty((count + 1) * self.chunk, dtype=dtype)
+            flat = slot[dtype]
+            base = self.inputs.base.read_into(info.name, start, flat[:size])
+            self.bytes_read += size * SAFETENSORS_DTYPES[info.dtype].itemsize
+            values = flat[size : size * (count + 1)].view(count, size)
         for i, reader in enumerate(self.inputs.finetuned):
-            row = reader.read_into(info.name, start, taus[i])
-            if self.device.type == "cpu":
+            reader.read_into(info.name, start, values[i])
+        self.bytes_read += count * size * SAFETENSORS_DTYPES[info.dtype].itemsize
+        return base, values
+
+    def form(self, info: TensorInfo, base: torch.Tensor, values: torch.Tensor) -> Chunk:
+        """Turn loaded values into task vectors (in place) with their consensus mask.
+
+        On the CPU each row is subtracted and folded into the running minimum and maximum
+        in one sweep while it is in cache; the minimum and maximum give the sign-consensus
+        mask and, since NaN and Inf propagate through them, the finiteness check, without
+        another pass over the N task vectors.
+        """
+        if self.device.type == "cpu":
+            taus = values
+            low = high = None
+            for row in taus:
                 row -= base
                 if low is None or high is None:
                     low, high = row.clone(), row.clone()
                 else:
                     torch.minimum(low, row, out=low)
                     torch.maximum(high, row, out=high)
-        self.bytes_read += count * size * SAFETENSORS_DTYPES[info.dtype].itemsize
-        if self.device.type != "cpu":
+        else:
             base = base.to(self.device, non_blocking=True)
-            taus = taus.to(self.device, non_blocking=True)
+            taus = values.to(self.device, non_blocking=True)
             taus -= base
             low, high = torch.aminmax(taus, dim=0)
         assert low is not None and high is not None
         if not _finite(base) or not (_finite(low) and _finite(high)):
             self._name_culprit(info, base, taus)
         return Chunk(base, taus, (low > 0) | (high < 0))
+
+    def read(self, info: TensorInfo, start: int, stop: int) -> Chunk:
+        """One element range of every input as task vectors in the compute dtype."""
+        return self.form(info, *self.load(info, start, stop))
+
+    def stream(self, items: Sequence[tuple[TensorInfo, int, int]]) -> Iterator[Chunk]:
+        """``read`` for each item in order, loading the next range in a background thread
+        while the caller computes on this one (``os.preadv`` releases the GIL). Nothing
+        else may read from these inputs while the stream is open."""
+        loaded: queue.Queue[tuple[dict, torch.Tensor, torch.Tensor] | BaseException]
+        loaded = queue.Queue()
+        free: queue.Queue[dict] = queue.Queue()
+        for _ in range(3):  # one being filled, one waiting, one in use by the caller
+            free.put({})
+        stop = threading.Event()
+
+        def produce() -> None:
+            for info, start, end in items:
+                slot = free.get()
+                if stop.is_set():
+                    return
+                try:
+                    loaded.put((slot, *self.load(info, start, end, slot)))
+                except BaseException as exc:  # handed to the consumer, which raises it
+                    loaded.put(exc)
+                    return
+
+        thread = threading.Thread(target=produce, daemon=True, name="negmerge-prefetch")
+        thread.start()
+        try:
+            for info, _, _ in items:
+                item = loaded.get()
+                if isinstance(item, BaseException):
+                    raise item
+                slot, base, values = item
+                yield self.form(info, base, values)
+                free.put(slot)  # the caller is done with this chunk once it asks for more
+        finally:
+            stop.set()
+            free.put({})  # unblock a producer waiting for a free slot
+            thread.join()
 
     def _name_culprit(self, info: TensorInfo, base: torch.Tensor, taus: torch.Tensor) -> None:
         rows = [(self.inputs.base, base), *zip(self.inputs.finetuned, taus, strict=True)]
@@ -697,38 +761,50 @@ def merge_tensors(
     inputs = reader.inputs
     count = len(inputs.finetuned)
     reports: dict[str, dict[str, Any]] = {}
-    for info in infos:
-        if info.name not in merged_names:
-            if out_writer is not None:
-                copy_tensor(inputs.base, info, out_writer, reader.chunk)
-            progress.advance(info.nbytes)
-            continue
-        params: dict[str, Any] = {}
-        ranges = reader.ranges(info)
-        cached: Chunk | None = None
-        if method.trims:
-            trim = global_trim
-            if trim is None:
-                if len(ranges) == 1:
-                    cached = reader.read(info, *ranges[0])
-                trim = _tensor_trim(reader, info, cached, density)
-            params = {"thresholds": trim.thresholds, "majority_sign": trim.majority_sign}
-        stats = TensorStats()
-        storage = SAFETENSORS_DTYPES[info.dtype]
-        for start, stop in ranges:
-            chunk = cached if cached is not None else reader.read(info, start, stop)
-            if method.uses_consensus:
-                params["consensus"] = chunk.consensus
-            merged = method.fn(chunk.taus, **params)
-            stats.add(merged, chunk.consensus)
-            if out_writer is not None:
-                result = apply_vector(chunk.base, merged, lam).to(storage)
-                _check_result(out_writer.destination, info.name, result)
-                out_writer.write(info.name, result.cpu())
-            if vec_writer is not None:
-                vec_writer.write(info.name, merged.cpu())
-            progress.advance((stop - start) * storage.itemsize * (count + 1))
-        reports[info.name] = stats.as_dict(info)
+    # TIES reads some tensors more than once (per-tensor thresholds), so it reads in step;
+    # every other method gets its chunks from a stream that loads the next one meanwhile.
+    stream = None
+    if not method.trims:
+        items = [(i, s, e) for i in infos if i.name in merged_names for s, e in reader.ranges(i)]
+        stream = reader.stream(items)
+    with contextlib.closing(stream) if stream is not None else contextlib.nullcontext():
+        for info in infos:
+            if info.name not in merged_names:
+                if out_writer is not None:
+                    copy_tensor(inputs.base, info, out_writer, reader.chunk)
+                progress.advance(info.nbytes)
+                continue
+            params: dict[str, Any] = {}
+            ranges = reader.ranges(info)
+            cached: Chunk | None = None
+            if method.trims:
+                trim = global_trim
+                if trim is None:
+                    if len(ranges) == 1:
+                        cached = reader.read(info, *ranges[0])
+                    trim = _tensor_trim(reader, info, cached, density)
+                params = {"thresholds": trim.thresholds, "majority_sign": trim.majority_sign}
+            stats = TensorStats()
+            storage = SAFETENSORS_DTYPES[info.dtype]
+            for start, stop in ranges:
+                if cached is not None:
+                    chunk = cached
+                elif stream is not None:
+                    chunk = next(stream)
+                else:
+                    chunk = reader.read(info, start, stop)
+                if method.uses_consensus:
+                    params["consensus"] = chunk.consensus
+                merged = method.fn(chunk.taus, **params)
+                stats.add(merged, chunk.consensus)
+                if out_writer is not None:
+                    result = apply_vector(chunk.base, merged, lam).to(storage)
+                    _check_result(out_writer.destination, info.name, result)
+                    out_writer.write(info.name, result.cpu())
+                if vec_writer is not None:
+                    vec_writer.write(info.name, merged.cpu())
+                progress.advance((stop - start) * storage.itemsize * (count + 1))
+            reports[info.name] = stats.as_dict(info)
     return reports
 
 
