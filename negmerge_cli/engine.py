@@ -52,9 +52,9 @@ PathLike = str | os.PathLike[str]
 # BatchNorm statistics are not weights: negating a running variance can make it negative.
 DEFAULT_EXCLUDE = (r"(^|\.)running_mean$", r"(^|\.)running_var$", r"(^|\.)num_batches_tracked$")
 MEMORY_BUDGET = 4 * 2**20
-"""Bytes of working memory per chunk on the CPU: all task vectors of one element range fit
-in cache, so the passes over them after the read cost little (measured fastest between
-2 and 4 MiB by benchmarks/bench_merge.py)."""
+"""Bytes of working memory per chunk on the CPU: the task vectors of one element range stay
+in cache between the passes over them (on the 2-core development machine, budgets of 4 to
+8 MiB were fastest, 1 MiB and 32 MiB clearly slower)."""
 GPU_MEMORY_BUDGET = 256 * 2**20
 """On a GPU, large chunks amortise transfers and kernel launches."""
 

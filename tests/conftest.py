@@ -40,6 +40,21 @@ def make_family(
 
 
 @pytest.fixture
+def cli(capsys):
+    """``cli(*argv) -> (exit code, stdout, stderr)`` through the real entry point, error
+    boundary included."""
+    from negmerge_cli.cli import main
+
+    def invoke(*argv: object) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as stop:
+            main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return stop.value.code or 0, captured.out, captured.err
+
+    return invoke
+
+
+@pytest.fixture
 def family(tmp_path: Path) -> Callable[..., tuple[Path, list[Path]]]:
     """``family(base_dict, count)`` writes a base and fine-tunes into tmp_path."""
 

@@ -19,17 +19,6 @@ SMALL = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def cli(capsys):
-    def invoke(*argv: str) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as stop:
-            main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return stop.value.code or 0, captured.out, captured.err
-
-    return invoke
-
-
 def test_help_and_recipe_commands_do_not_import_torch_sklearn_or_matplotlib():
     code = (
         "import sys\n"

@@ -57,20 +57,6 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root / "data", "weights": weights, "base": root}
 
 
-@pytest.fixture
-def cli(capsys):
-    """``cli(*argv) -> (exit code, stdout, stderr)`` through the real entry point."""
-    from negmerge_cli.cli import main
-
-    def invoke(*argv: str) -> tuple[int, str, str]:
-        with pytest.raises(SystemExit) as stop:
-            main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return stop.value.code or 0, captured.out, captured.err
-
-    return invoke
-
-
 def recipe_file(world: dict[str, Path], out: Path) -> Path:
     path = out.parent / f"{out.name}.yaml"
     text = RECIPE.format(out=out, root=world["root"], weights=world["weights"])
