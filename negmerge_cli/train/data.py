@@ -53,6 +53,15 @@ class UnlearningData:
     forget_classes: tuple[int, ...]
 
 
+def random_forget_mask(count: int, fraction: float, seed: int) -> np.ndarray:
+    """The training samples to forget in random forgetting: ``round(count * fraction)`` of
+    them (at least one), drawn with ``seed`` so that every run forgets the same ones."""
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(count, dtype=bool)
+    chosen[rng.permutation(count)[: max(1, round(count * fraction))]] = True
+    return chosen
+
+
 def _split(x: np.ndarray, y: np.ndarray, index: np.ndarray) -> Split:
     images = torch.from_numpy(x[index].astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     return Split(images.contiguous(), torch.from_numpy(y[index].astype(np.int64)))
@@ -98,10 +107,7 @@ def load_digits_data(config: DataConfig) -> UnlearningData:
         scenario = "class"
     else:
         assert config.forget_fraction is not None
-        rng = np.random.default_rng(config.split_seed)
-        count = max(1, round(len(train_index) * config.forget_fraction))
-        chosen = np.zeros(len(train_index), dtype=bool)
-        chosen[rng.permutation(len(train_index))[:count]] = True
+        chosen = random_forget_mask(len(train_index), config.forget_fraction, config.split_seed)
         forget_index, retain_index = train_index[chosen], train_index[~chosen]
         val_forget = _split(x, y, forget_index)
         val_retain = _split(x, y, val_index)

@@ -279,7 +279,7 @@ def load_unlearning_data(config: DataConfig) -> Any:
     set is the dataset's own test split, validation is carved out of train (see module
     docs), and the random forget set is ``forget_fraction`` of what remains.
     """
-    from negmerge_cli.train.data import Split, UnlearningData
+    from negmerge_cli.train.data import Split, UnlearningData, random_forget_mask
 
     assert config.root is not None
     train_set = open_split(config.dataset, config.root, train=True)
@@ -315,10 +315,7 @@ def load_unlearning_data(config: DataConfig) -> Any:
         scenario = "class"
     else:
         assert config.forget_fraction is not None
-        rng = np.random.default_rng(config.split_seed)
-        count = max(1, round(len(train) * config.forget_fraction))
-        chosen = np.zeros(len(train), dtype=bool)
-        chosen[rng.permutation(len(train))[:count]] = True
+        chosen = random_forget_mask(len(train), config.forget_fraction, config.split_seed)
         forget, retain = take(train, chosen), take(train, ~chosen)
         val_forget, val_retain = forget, validation
         test_forget, test_retain = take(test, np.zeros(len(test), dtype=bool)), test
