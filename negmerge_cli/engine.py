@@ -429,23 +429,26 @@ class TaskVectorReader:
         return self.form(info, *self.load(info, start, stop))
 
     def stream(self, items: Sequence[tuple[TensorInfo, int, int]]) -> Iterator[Chunk]:
-        """``read`` for each item in order, loading the next range in a background thread
-        while the caller computes on this one (``os.preadv`` releases the GIL). Nothing
-        else may read from these inputs while the stream is open."""
-        loaded: queue.Queue[tuple[dict, torch.Tensor, torch.Tensor] | BaseException]
-        loaded = queue.Queue()
+        """``read`` for each item in order, the next range read and formed in a background
+        thread while the caller merges this one (preads and torch ops release the GIL, so
+        the two use two cores). Nothing else may read these inputs while the stream is open."""
+        loaded: queue.Queue[tuple[dict, Chunk] | BaseException] = queue.Queue()
         free: queue.Queue[dict] = queue.Queue()
         for _ in range(3):  # one being filled, one waiting, one in use by the caller
             free.put({})
         stop = threading.Event()
+        threads = torch.get_num_threads()
 
         def produce() -> None:
+            # OpenMP's thread count is per OS thread: without this the new thread would use
+            # the default (every core) and crowd out the caller's thread.
+            torch.set_num_threads(threads)
             for info, start, end in items:
                 slot = free.get()
                 if stop.is_set():
                     return
                 try:
-                    loaded.put((slot, *self.load(info, start, end, slot)))
+                    loaded.put((slot, self.form(info, *self.load(info, start, end, slot))))
                 except BaseException as exc:  # handed to the consumer, which raises it
                     loaded.put(exc)
                     return
@@ -453,12 +456,12 @@ class TaskVectorReader:
         thread = threading.Thread(target=produce, daemon=True, name="negmerge-prefetch")
         thread.start()
         try:
-            for info, _, _ in items:
+            for _ in items:
                 item = loaded.get()
                 if isinstance(item, BaseException):
                     raise item
-                slot, base, values = item
-                yield self.form(info, base, values)
+                slot, chunk = item
+                yield chunk
                 free.put(slot)  # the caller is done with this chunk once it asks for more
         finally:
             stop.set()
