@@ -274,27 +274,35 @@ def _run_all(
     ray: Any, calls: list[Any], workers: int | None, progress_sizes: list[int], progress: Progress
 ) -> list[Any]:
     """Submit ``calls`` (thunks returning ObjectRefs) with at most ``workers`` in flight;
-    results come back in submission order. The first failure cancels the rest."""
+    results come back in submission order.
+
+    After a failure or a first SIGINT/SIGTERM nothing new is submitted and the tasks in
+    flight are waited for rather than cancelled: a shard ends on its own, and cancelling
+    races Ray 2.60 into aborting the driver ("Tried to complete task that was not
+    pending"). A second signal stops at once.
+    """
     results: dict[int, Any] = {}
     pending: dict[Any, int] = {}
     queue = list(enumerate(calls))
     limit = workers or len(calls) or 1
-    try:
-        with signals_deferred() as stop:
-            while queue or pending:
-                while queue and len(pending) < limit:
-                    index, call = queue.pop(0)
-                    pending[call()] = index
-                stop.check()
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                stop.check()
-                for ref in done:
-                    index = pending.pop(ref)
+    failure: BaseException | None = None
+    with signals_deferred() as stop:
+        while pending or (queue and failure is None and stop.signal is None):
+            while queue and failure is None and stop.signal is None and len(pending) < limit:
+                index, call = queue.pop(0)
+                pending[call()] = index
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in done:
+                index = pending.pop(ref)
+                try:
                     results[index] = _get(ray, ref)
-                    progress.advance(progress_sizes[index])
-    except BaseException:
-        cancel_and_wait(ray, list(pending))
-        raise
+                except NegmergeError as exc:
+                    failure = failure or exc
+                    continue
+                progress.advance(progress_sizes[index])
+        if failure is not None:
+            raise failure
+        stop.check()
     return [results[i] for i in range(len(calls))]
 
 
