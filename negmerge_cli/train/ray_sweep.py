@@ -33,7 +33,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
-from negmerge_cli.errors import NegmergeError, RunsFailed
+from negmerge_cli.errors import Interrupted, NegmergeError, RunsFailed
 from negmerge_cli.ray_backend import (
     RayError,
     cancel_and_wait,
@@ -417,6 +417,12 @@ class _Driver:
                         refreshed = time.monotonic()
                     self._submit()
                     self.progress.tick()
+        except (Interrupted, KeyboardInterrupt):
+            # Not cancelled: the tasks end with this driver (Ray stops a job's tasks when
+            # its driver exits) and a resumed sweep removes what they left. Cancelling
+            # while a task completes makes Ray 2.60 abort the driver ("Tried to complete
+            # task that was not pending"), which the signal's clean exit must not risk.
+            raise
         except BaseException:
             self._cancel()
             raise
