@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,3 +82,21 @@ def small_model(seed: int = 0) -> dict[str, torch.Tensor]:
         "mask": torch.tensor([True, False, True]),
         "quant": torch.tensor([1, 255, 7], dtype=torch.uint8),
     }
+
+
+def run_behind_private_tmpfs(folder: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run ``negmerge ARGV`` in a mount namespace of its own with a private tmpfs on
+    ``folder``: a Ray cluster started outside sees an empty folder where this driver writes,
+    as nodes do without shared storage. Skips when the namespace cannot be made."""
+    command = (
+        f'mount -t tmpfs tmpfs {folder} || exit 97; exec {sys.executable} -m negmerge_cli "$@"'
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", command, "sh", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode == 97 or "unshare failed" in done.stderr:
+        pytest.skip("cannot make a private mount namespace here")
+    return done

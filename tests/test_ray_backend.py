@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from negmerge_cli.engine import merge
-from negmerge_cli.errors import NonFiniteError, OutputError
+from negmerge_cli.errors import NonFiniteError
 from negmerge_cli.io import save_state_dict
-from tests.conftest import make_family, small_model
+from tests.conftest import make_family, run_behind_private_tmpfs, small_model
 
 ray = pytest.importorskip("ray")
 from negmerge_cli.ray_backend import merge_on_ray  # noqa: E402
@@ -115,30 +115,12 @@ def test_an_output_folder_the_workers_cannot_see_is_refused(cluster, tmp_path):
     private = tmp_path / "private"
     private.mkdir()
     address = cluster.address_info["address"]
-    script = (
-        "import sys\n"
-        "from negmerge_cli.ray_backend import merge_on_ray\n"
-        "from negmerge_cli.errors import OutputError\n"
-        "try:\n"
-        f"    merge_on_ray({str(base)!r}, {[str(t) for t in tunes]!r}, {str(private / 'out')!r},"
-        f" shard_size=10**6, address={address!r})\n"
-        "except OutputError as exc:\n"
-        "    print(exc)\n"
-        "    sys.exit(3)\n"
-    )
-    command = f'mount -t tmpfs tmpfs {private} || exit 97; exec {sys.executable} -c "$0"'
-    done = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", command, script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if done.returncode == 97 or "unshare failed" in done.stderr:
-        pytest.skip("cannot make a private mount namespace here")
-    assert done.returncode == 3, done.stderr[-2000:]
-    assert "Ray workers cannot see this folder" in done.stdout
+    argv = ["merge", str(base), *map(str, tunes), "-o", str(private / "out"),
+            "--shard-size", "1MB", "--backend", "ray", "--address", address]  # fmt: skip
+    done = run_behind_private_tmpfs(private, argv)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Ray workers cannot see this folder" in done.stderr
     assert list(private.iterdir()) == []
-    assert OutputError  # the error class the driver raised
 
 
 def test_sigterm_during_a_ray_merge_exits_130_and_leaves_nothing(cluster, tmp_path):

@@ -17,6 +17,7 @@ import pytest
 from negmerge_cli.cli import main
 from negmerge_cli.recipes import load_recipe
 from negmerge_cli.train.sweep import MODEL_FILE, RUN_FILE, is_finished, run_sweep, seed_jobs
+from tests.conftest import run_behind_private_tmpfs
 
 ray = pytest.importorskip("ray")
 from negmerge_cli.train.ray_sweep import absolute_paths, run_sweep_on_ray  # noqa: E402
@@ -205,17 +206,7 @@ def test_an_output_folder_the_workers_cannot_see_is_refused(cluster, tmp_path):
     address = cluster.address_info["address"]
     argv = ["sweep", "digits", *(f"--set={s}" for s in TINY), "-o", str(private / "out"),
             "--backend", "ray", "--address", address]  # fmt: skip
-    command = (
-        f'mount -t tmpfs tmpfs {private} || exit 97; exec {sys.executable} -m negmerge_cli "$@"'
-    )
-    done = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", command, "sh", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if done.returncode == 97 or "unshare failed" in done.stderr:
-        pytest.skip("cannot make a private mount namespace here")
+    done = run_behind_private_tmpfs(private, argv)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Ray workers cannot see this folder" in done.stderr
     assert "run(s) trained" not in done.stderr
