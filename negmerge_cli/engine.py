@@ -27,7 +27,6 @@ import torch
 from negmerge_cli import __version__
 from negmerge_cli.errors import (
     CheckpointError,
-    Interrupted,
     NonFiniteError,
     OutputError,
     UsageError,
@@ -46,6 +45,7 @@ from negmerge_cli.io.writer import INDEX_NAME, SafetensorsWriter, discard_pendin
 from negmerge_cli.methods import MergeMethod, get_method, kth_magnitude
 from negmerge_cli.methods.select import MagnitudeSelector, trim_rank
 from negmerge_cli.methods.ties import majority_contribution
+from negmerge_cli.signals import interrupts_raise
 
 PathLike = str | os.PathLike[str]
 
@@ -256,25 +256,17 @@ def signals_as_errors() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}; no output was written")
-
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, interrupt),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt),
-        signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
-    }
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        yield
+        with interrupts_raise("stopped by {signal}; no output was written"):
+            yield
     except BaseException:
         # A signal can land between a temp file's creation and the code that would remove
         # it; the writer keeps a list of its open temp files for exactly this.
         discard_pending()
         raise
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 # ---------------------------------------------------------------------------- reading

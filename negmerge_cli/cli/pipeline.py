@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from negmerge_cli.cli.app import app
 from negmerge_cli.cli.options import QuietOpt
 from negmerge_cli.cli.recipes_cmd import RecipeArg, SetOpt
 from negmerge_cli.errors import Interrupted, OutputError, UsageError
+from negmerge_cli.signals import interrupts_raise
 
 DEMO_RECIPE = "digits"
 
@@ -101,22 +101,16 @@ def _require_vision_extra(clip: bool) -> None:
 
 @contextlib.contextmanager
 def _stoppable(what: str) -> Iterator[None]:
-    """SIGINT and SIGTERM stop the work cleanly (temp folders removed); OS errors become
-    one line naming the file."""
-
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
+    """SIGINT and SIGTERM stop the work cleanly (temp folders removed) and exit 130; OS
+    errors become one line naming the file."""
     try:
-        yield
+        with interrupts_raise(what):
+            yield
     except (KeyboardInterrupt, Interrupted):
         raise Interrupted(what) from None
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         raise OutputError(f"{where}{exc.strerror or exc}") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_backend(backend: str, address: str | None) -> None:
