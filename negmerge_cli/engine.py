@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from negmerge_cli import __version__
@@ -43,6 +44,7 @@ from negmerge_cli.io import (
 from negmerge_cli.io.dtypes import compute_dtype
 from negmerge_cli.io.writer import INDEX_NAME, SafetensorsWriter, discard_pending
 from negmerge_cli.methods import MergeMethod, get_method, kth_magnitude
+from negmerge_cli.methods.common import ordered_sum
 from negmerge_cli.methods.select import MagnitudeSelector, trim_rank
 from negmerge_cli.methods.ties import majority_contribution
 from negmerge_cli.signals import interrupts_raise
@@ -388,39 +390,51 @@ class TaskVectorReader:
         self.bytes_read += count * size * SAFETENSORS_DTYPES[info.dtype].itemsize
         return base, values
 
-    def form(self, info: TensorInfo, base: torch.Tensor, values: torch.Tensor) -> Chunk:
-        """Turn loaded values into task vectors (in place) with their consensus mask.
+    def form(
+        self, info: TensorInfo, base: torch.Tensor, values: torch.Tensor, total: bool = False
+    ) -> Chunk:
+        """Turn loaded values into task vectors (in place) with their consensus mask and,
+        with ``total``, their ordered sum.
 
-        On the CPU each row is subtracted and folded into the running minimum and maximum
-        in one sweep while it is in cache; the minimum and maximum give the sign-consensus
-        mask and, since NaN and Inf propagate through them, the finiteness check, without
-        another pass over the N task vectors.
+        On the CPU each row is subtracted and folded into the running minimum, maximum and
+        sum in one sweep while it is in cache; the minimum and maximum give the
+        sign-consensus mask and, since NaN and Inf propagate through them, the finiteness
+        check, without another pass over the N task vectors.
         """
         if self.device.type == "cpu":
+            # numpy's elementwise calls cost less than torch's at these sizes and its
+            # comparisons are vectorised; the results are the same IEEE operations.
             taus = values
-            low = high = None
-            for row in taus:
-                row -= base
-                if low is None or high is None:
-                    low, high = row.clone(), row.clone()
-                else:
-                    torch.minimum(low, row, out=low)
-                    torch.maximum(high, row, out=high)
+            rows, origin = values.numpy(), base.numpy()
+            lows, highs = np.subtract(rows[0], origin, out=rows[0]).copy(), rows[0].copy()
+            sums = rows[0].copy() if total else None
+            for row in rows[1:]:
+                np.subtract(row, origin, out=row)
+                np.minimum(lows, row, out=lows)
+                np.maximum(highs, row, out=highs)
+                if sums is not None:
+                    sums += row  # in input order, as ordered_sum
+            consensus = torch.from_numpy(np.greater(lows, 0) | np.less(highs, 0))
+            low, high = torch.from_numpy(lows), torch.from_numpy(highs)
+            summed = None if sums is None else torch.from_numpy(sums)
         else:
             base = base.to(self.device, non_blocking=True)
             taus = values.to(self.device, non_blocking=True)
             taus -= base
             low, high = torch.aminmax(taus, dim=0)
-        assert low is not None and high is not None
+            consensus = (low > 0) | (high < 0)
+            summed = ordered_sum(taus) if total else None
         if not _finite(base) or not (_finite(low) and _finite(high)):
             self._name_culprit(info, base, taus)
-        return Chunk(base, taus, (low > 0) | (high < 0))
+        return Chunk(base, taus, consensus, summed)
 
     def read(self, info: TensorInfo, start: int, stop: int) -> Chunk:
         """One element range of every input as task vectors in the compute dtype."""
         return self.form(info, *self.load(info, start, stop))
 
-    def stream(self, items: Sequence[tuple[TensorInfo, int, int]]) -> Iterator[Chunk]:
+    def stream(
+        self, items: Sequence[tuple[TensorInfo, int, int]], total: bool = False
+    ) -> Iterator[Chunk]:
         """``read`` for each item in order, the next range read and formed in a background
         thread while the caller merges this one (preads and torch ops release the GIL, so
         the two use two cores). Nothing else may read these inputs while the stream is open."""
@@ -440,7 +454,8 @@ class TaskVectorReader:
                 if stop.is_set():
                     return
                 try:
-                    loaded.put((slot, self.form(info, *self.load(info, start, end, slot))))
+                    values = self.load(info, start, end, slot)
+                    loaded.put((slot, self.form(info, *values, total=total)))
                 except BaseException as exc:  # handed to the consumer, which raises it
                     loaded.put(exc)
                     return
@@ -487,6 +502,8 @@ class Chunk:
     """``[N, n]`` the task vectors ``ft_i - base``."""
     consensus: torch.Tensor
     """``[n]`` True where every task vector has the same strict sign."""
+    total: torch.Tensor | None = None
+    """``[n]`` ``ordered_sum(taus)``, when the reader was asked for it."""
 
 
 def apply_vector(base: torch.Tensor, vector: torch.Tensor, lam: float) -> torch.Tensor:
@@ -605,8 +622,14 @@ class TensorStats:
 
     def add(self, merged: torch.Tensor, consensus: torch.Tensor) -> None:
         self.numel += merged.numel()
-        self.kept += int(torch.count_nonzero(merged))
-        self.consensus += int(consensus.sum())
+        if merged.device.type == "cpu":  # numpy's comparison is vectorised, torch's not
+            self.kept += int(np.count_nonzero(merged.numpy() != 0))
+        else:
+            self.kept += int(torch.count_nonzero(merged))
+        if consensus.device.type == "cpu":
+            self.consensus += int(np.count_nonzero(consensus.numpy()))
+        else:
+            self.consensus += int(consensus.sum())
         self.norm_sq += float(torch.linalg.vector_norm(merged, dtype=torch.float64)) ** 2
 
     def as_dict(self, info: TensorInfo) -> dict[str, Any]:
@@ -761,7 +784,7 @@ def merge_tensors(
     stream = None
     if not method.trims:
         items = [(i, s, e) for i in infos if i.name in merged_names for s, e in reader.ranges(i)]
-        stream = reader.stream(items)
+        stream = reader.stream(items, total="total" in method.precomputed)
     with contextlib.closing(stream) if stream is not None else contextlib.nullcontext():
         for info in infos:
             if info.name not in merged_names:
@@ -788,8 +811,10 @@ def merge_tensors(
                     chunk = next(stream)
                 else:
                     chunk = reader.read(info, start, stop)
-                if method.uses_consensus:
+                if "consensus" in method.precomputed:
                     params["consensus"] = chunk.consensus
+                if "total" in method.precomputed and chunk.total is not None:
+                    params["total"] = chunk.total
                 merged = method.fn(chunk.taus, **params)
                 stats.add(merged, chunk.consensus)
                 if out_writer is not None:

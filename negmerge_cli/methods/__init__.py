@@ -30,8 +30,10 @@ class MergeMethod:
     paper: str
     trims: bool = False
     """True when the method needs per-task-vector magnitude thresholds (TIES)."""
-    uses_consensus: bool = False
-    """True when the method accepts a precomputed ``consensus=`` mask."""
+    precomputed: frozenset[str] = frozenset()
+    """Keyword arguments the method accepts precomputed by the engine, which forms them
+    while the task vectors are in cache: ``consensus`` (``consensus_mask(taus)``) and
+    ``total`` (``ordered_sum(taus)``)."""
 
 
 METHODS: dict[str, MergeMethod] = {
@@ -42,13 +44,14 @@ METHODS: dict[str, MergeMethod] = {
             negmerge,
             "mean where all task vectors agree in sign, 0 elsewhere",
             "https://arxiv.org/abs/2410.05583",
-            uses_consensus=True,
+            precomputed=frozenset({"consensus", "total"}),
         ),
         MergeMethod(
             "mean",
             mean,
             "uniform mean of the task vectors (one input: task-vector negation)",
             "https://arxiv.org/abs/2212.04089",
+            precomputed=frozenset({"total"}),
         ),
         MergeMethod(
             "magmax",

@@ -23,11 +23,6 @@ def ordered_sum(values: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def ordered_mean(values: torch.Tensor) -> torch.Tensor:
-    """``ordered_sum(values) / len(values)``."""
-    return ordered_sum(values) / values.shape[0]
-
-
 def consensus_mask(taus: torch.Tensor) -> torch.Tensor:
     """True where every task vector has the same strict sign (a zero breaks consensus)."""
     low, high = torch.aminmax(taus, dim=0)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from negmerge_cli.methods.common import ordered_mean
+from negmerge_cli.methods.common import ordered_sum
 
 
-def mean(taus: torch.Tensor) -> torch.Tensor:
-    """Element-wise mean over the task vectors (summed in input order)."""
-    return ordered_mean(taus)
+def mean(taus: torch.Tensor, *, total: torch.Tensor | None = None) -> torch.Tensor:
+    """Element-wise mean over the task vectors (summed in input order); ``total`` is
+    ``ordered_sum(taus)`` when the caller has it already."""
+    return (ordered_sum(taus) if total is None else total) / taus.shape[0]
