@@ -45,6 +45,7 @@ Usage::
     .venv/bin/python benchmarks/bench_merge.py                      # both sets, N=8
     .venv/bin/python benchmarks/bench_merge.py --sets vit --repeat 3 --keep-data
     .venv/bin/python benchmarks/bench_merge.py --sets llm --llm-n 2,8,16
+    .venv/bin/python benchmarks/bench_merge.py --sets vit --methods negmerge --budgets 2,4,8,12
 
 Generated data is deleted at the end unless ``--keep-data``; outputs are deleted after
 each case. Disk: about 3.2 GB for the ViT set, 9 x 438 MB for the LLM set at N=8 with two
@@ -315,10 +316,12 @@ def child_naive(files: list[str], output: str) -> dict:
     return {}
 
 
-def child_api(files: list[str], output: str, method: str) -> dict:
+def child_api(files: list[str], output: str, method: str, budget: int | None = None) -> dict:
     from negmerge_cli import merge
 
-    report = merge(files[0], files[1:], output, method=method, lam=LAMBDA, quiet=True)
+    report = merge(
+        files[0], files[1:], output, method=method, lam=LAMBDA, quiet=True, memory_budget=budget
+    )
     return {"timings": report["timings"]}
 
 
@@ -351,7 +354,7 @@ def run_child(kind: str, spec: dict) -> None:
     elif kind == "naive":
         extra = child_naive(spec["files"], spec["output"])
     elif kind == "api":
-        extra = child_api(spec["files"], spec["output"], spec["method"])
+        extra = child_api(spec["files"], spec["output"], spec["method"], spec.get("budget"))
     elif kind == "mergekit":
         extra = child_mergekit(spec["folders"], spec["output"])
     else:
@@ -447,7 +450,9 @@ class Case:
     runs: int = 1  # per round: the start-up is short and noisy, so it runs thrice
 
 
-def cases_for(bench: BenchSet, count: int, methods: list[str], out_dir: Path) -> list[Case]:
+def cases_for(
+    bench: BenchSet, count: int, methods: list[str], out_dir: Path, budgets: list[float]
+) -> list[Case]:
     files = [str(f) for f in bench.files(count)]
     out = out_dir / "bench-output.safetensors"
     cases = [
@@ -473,6 +478,10 @@ def cases_for(bench: BenchSet, count: int, methods: list[str], out_dir: Path) ->
                 {"OMP_NUM_THREADS": "1"},
             )
         )
+        for mib in budgets:
+            label = f"(c) negmerge_cli.merge negmerge, memory budget {mib:g} MiB"
+            budget_spec = {**spec, "budget": int(mib * 2**20)}
+            cases.append(Case(label, child_command("api", budget_spec), out))
         script = Path(sys.executable).with_name("negmerge")
         command = [str(script), "merge", *files, "-o", str(out), "--method", "negmerge", "-q"]
         cases.append(Case("(c) `negmerge merge` CLI negmerge", command, out))
@@ -643,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-n", default="8", help="fine-tunes in the LLM set (comma list)")
     parser.add_argument("--llm-layers", type=int, default=2, help="decoder layers (LLM set)")
     parser.add_argument("--vit-n", type=int, default=8, help="fine-tunes in the ViT set")
+    parser.add_argument(
+        "--budgets",
+        default="",
+        help="also run NegMerge at these CPU memory budgets in MiB (comma list; the "
+        "default budget is the engine's MEMORY_BUDGET)",
+    )
     args = parser.parse_args(argv)
 
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -653,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or args.repeat < 1:
         parser.error(f"unknown set or method {unknown}, or --repeat < 1")
     llm_counts = sorted({int(n) for n in args.llm_n.split(",")})
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
 
     invoked = shlex.join(
         [os.path.relpath(sys.executable, REPO), os.path.relpath(__file__, REPO), *sys.argv[1:]]
@@ -682,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
                     f", {nbytes / GB:.2f} GB of inputs ({nbytes / len(inputs) / MB:.0f} MB each)"
                 )
                 load_before = load()
-                cases = cases_for(bench, count, methods, args.data)
+                cases = cases_for(bench, count, methods, args.data, budgets)
                 peer = mergekit_case(bench, count, args.data)
                 if isinstance(peer, Case):
                     cases.append(peer)

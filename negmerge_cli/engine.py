@@ -53,10 +53,11 @@ PathLike = str | os.PathLike[str]
 
 # BatchNorm statistics are not weights: negating a running variance can make it negative.
 DEFAULT_EXCLUDE = (r"(^|\.)running_mean$", r"(^|\.)running_var$", r"(^|\.)num_batches_tracked$")
-MEMORY_BUDGET = 4 * 2**20
-"""Bytes of working memory per chunk on the CPU: the task vectors of one element range stay
-in cache between the passes over them (on the 2-core development machine, budgets of 4 to
-8 MiB were fastest, 1 MiB and 32 MiB clearly slower)."""
+MEMORY_BUDGET = 8 * 2**20
+"""Bytes of working memory per chunk on the CPU: small enough that the task vectors of one
+element range stay in cache between the passes over them, large enough that per-call
+costs do not dominate. On the 2-core development machine 6 to 8 MiB were fastest, 2 MiB
+and 12 MiB slower (``benchmarks/bench_merge.py --budgets 2,4,8,12``)."""
 GPU_MEMORY_BUDGET = 256 * 2**20
 """On a GPU, large chunks amortise transfers and kernel launches."""
 
