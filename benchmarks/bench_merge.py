@@ -631,8 +631,10 @@ def package_version() -> str:
 
 
 def changed(version: str) -> list[str]:
+    """A warning when the package's sources changed (a commit elsewhere in the repository
+    moves the git description only, which does not matter to the numbers)."""
     now = package_version()
-    if now == version:
+    if now.rsplit("sources ", 1)[-1] == version.rsplit("sources ", 1)[-1]:
         return []
     return [f"- WARNING: negmerge_cli changed during this run ({version} -> {now})"]
 
