@@ -18,6 +18,7 @@ from negmerge_cli.methods import (
     negmerge,
     ties,
 )
+from negmerge_cli.methods.common import ordered_sum
 from negmerge_cli.methods.select import MagnitudeSelector, trim_rank
 
 
@@ -166,3 +167,31 @@ def test_streamed_magnitude_selection_equals_kthvalue_exactly(seed):
         selector.fine(chunk)
     expected = torch.tensor([kth_magnitude(t, density) for t in taus])
     assert torch.equal(selector.thresholds(), expected)
+
+
+def test_negmerge_equals_where_bit_for_bit_with_zeros_and_a_sum_past_float32():
+    """The product form must give torch.where's bits: +0.0 where consensus fails (also under
+    a negative mean), the smallest subnormal mean kept, and where's result when a sum
+    overflows to infinity with or without consensus."""
+    big = 3e38
+    tiny = 2.0**-149
+    taus = torch.tensor(
+        [
+            [-1.0, 2.0, -tiny, big, big],
+            [-3.0, -7.0, -tiny, big, big],
+            [-2.0, 2.0, -tiny, big, -1.0],
+        ],
+        dtype=torch.float32,
+    )
+
+    def reference(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(consensus_mask(values), ordered_sum(values) / 3, 0.0)
+
+    for values in (taus[:, :3], taus):  # finite sums (the product), then sums past float32
+        for given in ({}, {"consensus": consensus_mask(values), "total": ordered_sum(values)}):
+            got = negmerge(values, **given)
+            assert torch.equal(got, reference(values))
+            assert torch.equal(torch.signbit(got), torch.signbit(reference(values)))
+    got = negmerge(taus)
+    assert got[0] == -2.0 and got[1] == 0.0 and not torch.signbit(got[1])
+    assert got[2] == -tiny and torch.isinf(got[3]) and got[4] == 0.0
