@@ -90,14 +90,15 @@ class PendingFile:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
-    def write(self, data: bytes | memoryview) -> None:
-        """Queue ``data`` (copied) for the writer thread, which overlaps the disk write with
-        the caller's next chunk; at most two chunks wait, so memory stays bounded."""
+    def write(self, data: bytes | memoryview, owned: bool = False) -> None:
+        """Queue ``data`` for the writer thread, which overlaps the disk write with the
+        caller's next chunk; at most two chunks wait, so memory stays bounded. A view is
+        copied first unless ``owned``: the caller promises never to change that memory."""
         self._raise_if_failed()
         if self._thread is None:
             self._thread = threading.Thread(target=self._drain, daemon=True)
             self._thread.start()
-        self._queue.put(bytes(data))
+        self._queue.put(data if owned or isinstance(data, bytes) else bytes(data))
 
     def _drain(self) -> None:
         while True:
@@ -190,13 +191,14 @@ class SafetensorsWriter:
     def names(self) -> list[str]:
         return [t.name for t in self._plan]
 
-    def write(self, name: str, chunk: torch.Tensor) -> None:
-        """Append a chunk of tensor ``name``; tensors must come in the planned order."""
+    def write(self, name: str, chunk: torch.Tensor, owned: bool = False) -> None:
+        """Append a chunk of tensor ``name``; tensors must come in the planned order.
+        ``owned``: nobody changes ``chunk`` afterwards, so it is written without a copy."""
         info = self._plan[self._index] if self._index < len(self._plan) else None
         if info is None or info.name != name:
             raise RuntimeError(f"writer expected {info.name if info else 'nothing'}, got {name}")
         data = chunk.detach().contiguous().view(-1).view(torch.uint8)
-        self._file.write(memoryview(data.cpu().numpy()))
+        self._file.write(memoryview(data.cpu().numpy()), owned)
         self._written += data.numel()
         self.bytes_written += data.numel()
         if self._written > info.nbytes:
@@ -277,8 +279,8 @@ class OutputWriter:
             raise
         self._infos = {t.name: t for t in tensors}
 
-    def write(self, name: str, chunk: torch.Tensor) -> None:
-        self._route[name].write(name, chunk)
+    def write(self, name: str, chunk: torch.Tensor, owned: bool = False) -> None:
+        self._route[name].write(name, chunk, owned)
 
     @property
     def bytes_written(self) -> int:
