@@ -437,8 +437,8 @@ class TaskVectorReader:
         self, items: Sequence[tuple[TensorInfo, int, int]], total: bool = False
     ) -> Iterator[Chunk]:
         """``read`` for each item in order, the next range read and formed in a background
-        thread while the caller merges this one (preads and torch ops release the GIL, so
-        the two use two cores). Nothing else may read these inputs while the stream is open."""
+        thread while the caller merges this one (preads and numpy/torch ops release the GIL,
+        so the two use two cores). Nothing else may read these inputs while the stream is open."""
         loaded: queue.Queue[tuple[dict, Chunk] | BaseException] = queue.Queue()
         free: queue.Queue[dict] = queue.Queue()
         for _ in range(3):  # one being filled, one waiting, one in use by the caller
