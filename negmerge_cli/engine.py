@@ -625,17 +625,16 @@ class TensorStats:
         self.numel += merged.numel()
         if merged.device.type == "cpu":  # numpy's comparison is vectorised, torch's not
             self.kept += int(np.count_nonzero(merged.numpy() != 0))
-        else:
-            self.kept += int(torch.count_nonzero(merged))
-        if consensus.device.type == "cpu":
             self.consensus += int(np.count_nonzero(consensus.numpy()))
         else:
+            self.kept += int(torch.count_nonzero(merged))
             self.consensus += int(consensus.sum())
-        # One float32 dot per chunk, summed in float64 across chunks: a report figure, and
-        # several times cheaper than a float64 norm; float64 only if the squares overflow.
+        # A float32 dot per chunk, summed in float64 across chunks, is plenty for a report
+        # figure and several times cheaper than a float64 norm; float64 when the dtype is
+        # float64 or the float32 squares overflow.
         flat = merged.reshape(-1)
-        square = float(torch.dot(flat, flat)) if flat.dtype == torch.float32 else math.inf
-        if not math.isfinite(square):
+        square = float(torch.dot(flat, flat)) if flat.dtype == torch.float32 else None
+        if square is None or not math.isfinite(square):
             square = float(torch.linalg.vector_norm(flat, dtype=torch.float64)) ** 2
         self.norm_sq += square
 
